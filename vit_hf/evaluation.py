@@ -1,0 +1,76 @@
+"""Evaluation over a split on any number of processes, every sample counted exactly once."""
+
+from collections.abc import Callable, Iterable
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+
+class Accuracy(evaluate.Metric):
+    """Top-1 accuracy as an `evaluate` metric defined here, so it works offline (no script from the Hub)."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Fraction of predictions equal to the reference label.",
+            citation="",
+            inputs_description="predictions and references: class ids",
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references) -> dict:
+        return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
+
+
+def evaluate_split(
+    model: torch.nn.Module,
+    loader: Iterable[dict],
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    accelerator: Accelerator,
+    top_k: int = 5,
+) -> dict:
+    """Accuracy, mean loss and per-sample predictions over LOADER, gathered from every process.
+
+    Accelerate pads the last batches of a split that does not divide evenly by repeating samples; gathering the
+    row index with each prediction and keeping each index once makes the count exact for any process count.
+    Returns numpy arrays `index`, `labels`, `predictions`, `top_k` and `loss` sorted by row, and `accuracy`,
+    `loss_mean`, `samples`.
+    """
+    was_training = model.training
+    model.eval()
+    local: dict[str, list[torch.Tensor]] = {"index": [], "labels": [], "top_k": [], "loss": []}
+    with torch.inference_mode():
+        for batch in loader:
+            logits = model(pixel_values=transform(batch["pixels"])).logits.float()
+            local["index"].append(batch["index"])
+            local["labels"].append(batch["labels"])
+            local["top_k"].append(logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices)
+            local["loss"].append(F.cross_entropy(logits, batch["labels"], reduction="none"))
+    model.train(was_training)
+    device = accelerator.device
+    stacked = {
+        key: torch.cat(values).to(device) if values else torch.empty(0, dtype=torch.long, device=device)
+        for key, values in local.items()
+    }
+    if not local["top_k"]:
+        stacked["top_k"] = stacked["top_k"].view(0, 1)
+        stacked["loss"] = stacked["loss"].float()
+    # Processes may hold different counts (a skipped image, an uneven split): pad, gather, then drop pads.
+    gathered = {
+        key: accelerator.gather(accelerator.pad_across_processes(value, dim=0, pad_index=-1)).cpu()
+        for key, value in stacked.items()
+    }
+    index = gathered["index"].numpy()
+    valid = index >= 0
+    unique, first = np.unique(index[valid], return_index=True)
+    take = np.flatnonzero(valid)[first]
+    result = {key: value.numpy()[take] for key, value in gathered.items()}
+    result["predictions"] = result["top_k"][:, 0]
+    metric = Accuracy()
+    result["accuracy"] = metric.compute(predictions=result["predictions"], references=result["labels"])["accuracy"]
+    result["loss_mean"] = float(result["loss"].mean())
+    result["samples"] = len(unique)
+    return result

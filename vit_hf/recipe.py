@@ -1,0 +1,243 @@
+"""Recipes: JSON files that say everything about a run, validated before anything starts.
+
+A recipe is read, overridden with `--set key.sub=value`, filled with defaults and checked: unknown keys, wrong
+types and impossible combinations are refused with the dotted path of the field.
+"""
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vit_hf.errors import UserError
+
+
+@dataclass(frozen=True)
+class Field:
+    """One leaf of the recipe: allowed types, default, and optional allowed values or a check."""
+
+    types: tuple[type, ...]
+    default: Any
+    choices: tuple[Any, ...] | None = None
+    positive: bool = False
+
+
+def _f(types, default, choices=None, positive=False) -> Field:
+    types = types if isinstance(types, tuple) else (types,)
+    return Field(types, default, choices, positive)
+
+
+NONE = type(None)
+NUMBER = (int, float)
+
+AUGMENT = {
+    "crop_scale": _f((list, NONE), [0.05, 1.0]),
+    "hflip": _f(bool, True),
+    "rand_augment": _f((dict, NONE), None),
+    "trivial_augment": _f(bool, False),
+    "random_erasing": _f(NUMBER, 0.0),
+    "mixup_alpha": _f(NUMBER, 0.0),
+    "cutmix_alpha": _f(NUMBER, 0.0),
+    "mix_prob": _f(NUMBER, 1.0),
+    "switch_prob": _f(NUMBER, 0.5),
+}
+
+SCHEMA: dict[str, Any] = {
+    "name": _f(str, "run"),
+    "description": _f(str, ""),
+    "model": {
+        "pretrained": _f((str, NONE), "ViT-B_16"),
+        "image_size": _f(int, 224, positive=True),
+        "dropout": _f(NUMBER, 0.0),
+        "config": _f(dict, {}),
+    },
+    "data": {
+        "dataset": _f((str, dict), "cifar10"),
+        "train_split": _f((str, NONE), "train[:98%]"),
+        "eval_split": _f((str, NONE), "train[98%:]"),
+        "test_split": _f((str, NONE), "test"),
+        "image_column": _f((str, NONE), None),
+        "label_column": _f((str, NONE), None),
+        "augment": (AUGMENT, NONE),
+        "num_workers": _f(int, 4),
+        "bad_images": _f(str, "stop", choices=("stop", "skip")),
+    },
+    "optim": {
+        "name": _f(str, "sgd", choices=("sgd", "adamw")),
+        "lr": _f(NUMBER, 0.03, positive=True),
+        "momentum": _f(NUMBER, 0.9),
+        "nesterov": _f(bool, False),
+        "betas": _f(list, [0.9, 0.999]),
+        "weight_decay": _f(NUMBER, 0.0),
+        "max_grad_norm": _f((*NUMBER, NONE), 1.0),
+    },
+    "schedule": {
+        "name": _f(str, "cosine", choices=("cosine", "linear")),
+        "warmup_steps": _f(int, 500),
+        "total_steps": _f(int, 10000, positive=True),
+    },
+    "train": {
+        "global_batch_size": _f(int, 512, positive=True),
+        "micro_batch_size": _f(int, 64, positive=True),
+        "eval_batch_size": _f(int, 128, positive=True),
+        "eval_every": _f(int, 100, positive=True),
+        "save_every": _f(int, 1000, positive=True),
+        "keep_checkpoints": _f(int, 2, positive=True),
+        "log_every": _f(int, 10, positive=True),
+        "seed": _f(int, 42),
+        "mixed_precision": _f(str, "bf16", choices=("no", "fp16", "bf16")),
+        "label_smoothing": _f(NUMBER, 0.0),
+        "compile": _f(bool, False),
+    },
+    "output": {"dir": _f(str, "outputs/run")},
+    "hub": {
+        "push": _f(bool, False),
+        "model_id": _f((str, NONE), None),
+        "private": _f(bool, False),
+    },
+}
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    names |= {dict: "an object", NONE: "null"}
+    return " or ".join(dict.fromkeys(names[t] for t in types))
+
+
+def _resolve(value: Any, schema: Any, path: str) -> Any:
+    """VALUE checked against SCHEMA and completed with defaults."""
+    if isinstance(schema, tuple):  # a section that may be null
+        section, _ = schema
+        return None if value is None else _resolve(value, section, path)
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: expected an object, got {json.dumps(value)}")
+        unknown = sorted(set(value) - set(schema))
+        if unknown:
+            where = f"{path}.{unknown[0]}" if path else unknown[0]
+            raise UserError(f"{where}: unknown field (known: {', '.join(schema)})")
+        return {
+            key: _resolve(value[key] if key in value else _default(sub), sub, f"{path}.{key}" if path else key)
+            for key, sub in schema.items()
+        }
+    field: Field = schema
+    # JSON has no int/float distinction worth refusing, but true is not a number.
+    ok = isinstance(value, field.types) and not (isinstance(value, bool) and bool not in field.types)
+    if not ok:
+        raise UserError(f"{path}: expected {_type_names(field.types)}, got {json.dumps(value)}")
+    if field.choices and value not in field.choices:
+        raise UserError(f"{path}: expected one of {', '.join(map(str, field.choices))}, got {json.dumps(value)}")
+    if field.positive and value is not None and value <= 0:
+        raise UserError(f"{path}: must be positive, got {value}")
+    return copy.deepcopy(value)
+
+
+def _default(schema: Any) -> Any:
+    if isinstance(schema, tuple):
+        return {key: _default(sub) for key, sub in schema[0].items()}
+    if isinstance(schema, dict):
+        return {key: _default(sub) for key, sub in schema.items()}
+    return copy.deepcopy(schema.default)
+
+
+def _check_combinations(recipe: dict) -> None:
+    train, schedule, data, optim = recipe["train"], recipe["schedule"], recipe["data"], recipe["optim"]
+    if train["global_batch_size"] % train["micro_batch_size"]:
+        raise UserError(
+            f"train.global_batch_size: {train['global_batch_size']} is not a multiple of "
+            f"train.micro_batch_size {train['micro_batch_size']}"
+        )
+    if not 0 <= schedule["warmup_steps"] < schedule["total_steps"]:
+        raise UserError(f"schedule.warmup_steps: must be in [0, total_steps), got {schedule['warmup_steps']}")
+    if data["train_split"] is None:
+        raise UserError("data.train_split: a training run needs a training split")
+    if data["num_workers"] < 0:
+        raise UserError(f"data.num_workers: must be 0 or more, got {data['num_workers']}")
+    if recipe["hub"]["push"] and not recipe["hub"]["model_id"]:
+        raise UserError("hub.model_id: hub.push is true, so a model id (user/name) is needed")
+    if optim["max_grad_norm"] is not None and optim["max_grad_norm"] <= 0:
+        raise UserError(f"optim.max_grad_norm: must be positive or null, got {optim['max_grad_norm']}")
+    if len(optim["betas"]) != 2 or not all(0 <= b < 1 for b in optim["betas"]):
+        raise UserError(f"optim.betas: expected two numbers in [0, 1), got {optim['betas']}")
+    if not 0 <= train["label_smoothing"] < 1:
+        raise UserError(f"train.label_smoothing: must be in [0, 1), got {train['label_smoothing']}")
+    augment = data["augment"]
+    if augment is not None:
+        scale = augment["crop_scale"]
+        if scale is not None and not (
+            len(scale) == 2 and all(isinstance(s, NUMBER) for s in scale) and 0 < scale[0] <= scale[1] <= 1
+        ):
+            raise UserError(f"data.augment.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {scale}")
+        if augment["rand_augment"] is not None and augment["trivial_augment"]:
+            raise UserError("data.augment.trivial_augment: choose RandAugment or TrivialAugment, not both")
+        rand = augment["rand_augment"]
+        if rand is not None and (set(rand) - {"num_ops", "magnitude"}):
+            raise UserError(
+                f"data.augment.rand_augment: unknown field {sorted(set(rand) - {'num_ops', 'magnitude'})[0]}"
+            )
+        for key in ("random_erasing", "mix_prob", "switch_prob"):
+            if not 0 <= augment[key] <= 1:
+                raise UserError(f"data.augment.{key}: must be in [0, 1], got {augment[key]}")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if augment[key] < 0:
+                raise UserError(f"data.augment.{key}: must be 0 (off) or positive, got {augment[key]}")
+    patch = recipe["model"]["config"].get("patch_size")
+    if recipe["model"]["pretrained"] is None and patch and recipe["model"]["image_size"] % patch:
+        raise UserError(f"model.image_size: {recipe['model']['image_size']} is not divisible by the patch {patch}")
+
+
+def apply_override(recipe: dict, assignment: str) -> None:
+    """Apply one `key.sub=value` (value parsed as JSON, else taken as a string) to the raw recipe."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment}: expected key.sub=value")
+    dotted, raw = assignment.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    keys = dotted.split(".")
+    node = recipe
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: {key} is not an object")
+    node[keys[-1]] = value
+
+
+def resolve_recipe(raw: dict, overrides: list[str] = ()) -> dict:
+    """The complete, checked recipe from a raw one and `key.sub=value` overrides."""
+    raw = copy.deepcopy(raw)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    recipe = _resolve(raw, SCHEMA, "")
+    _check_combinations(recipe)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """Read, override, complete and check the recipe at PATH."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    try:
+        return resolve_recipe(raw, overrides)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+
+
+def accumulation_steps(recipe: dict, num_processes: int) -> int:
+    """global_batch_size = micro_batch_size x processes x accumulation steps; refuse an impossible split."""
+    train = recipe["train"]
+    per_step = train["micro_batch_size"] * num_processes
+    if train["global_batch_size"] % per_step:
+        raise UserError(
+            f"train.global_batch_size: {train['global_batch_size']} is not divisible by micro_batch_size "
+            f"{train['micro_batch_size']} x {num_processes} processes"
+        )
+    return train["global_batch_size"] // per_step
