@@ -52,14 +52,16 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
-def save_model_dir(model: ViTForImageClassification, out_dir: str | os.PathLike) -> Path:
+def save_model_dir(
+    model: ViTForImageClassification, out_dir: str | os.PathLike, state_dict: dict | None = None
+) -> Path:
     """Write model.safetensors, config.json and preprocessor_config.json into OUT_DIR, atomically."""
     with atomic_dir(out_dir) as staging:
-        write_model_files(model, staging)
+        write_model_files(model, staging, state_dict)
     return Path(out_dir)
 
 
-def write_model_files(model: ViTForImageClassification, folder: Path) -> None:
-    """The files of a loadable model folder, written into an existing FOLDER."""
-    model.save_pretrained(folder, safe_serialization=True)
+def write_model_files(model: ViTForImageClassification, folder: Path, state_dict: dict | None = None) -> None:
+    """The files of a loadable model folder, written into an existing FOLDER (STATE_DICT: gathered weights)."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     image_processor_for(model.config.image_size).save_pretrained(folder)

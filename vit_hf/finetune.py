@@ -32,11 +32,13 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 from transformers import ViTForImageClassification, get_scheduler
 
+from vit_hf.attention import attention_rollout, pixels_to_images, prediction_grid, rollout_figure
 from vit_hf.augment import mixup_cutmix, rand_augment, random_erasing, trivial_augment
 from vit_hf.data import DeviceTransform, load_splits, make_loader, to_model_range
 from vit_hf.errors import RunError, UserError, cli_entry
 from vit_hf.evaluation import evaluate_split
 from vit_hf.export import save_model_dir, write_model_files
+from vit_hf.hub import push_to_hub, write_model_card
 from vit_hf.model import build_model
 from vit_hf.recipe import accumulation_steps, load_recipe
 
@@ -299,8 +301,9 @@ def run(recipe: dict, resume: str | None = None) -> dict:
         result = run_eval("eval")
         if result["accuracy"] > progress.best_accuracy:
             progress.best_accuracy, progress.best_step = result["accuracy"], progress.step
+            state = accelerator.get_state_dict(model)  # a collective under FSDP: every process takes part
             if accelerator.is_main_process:
-                save_model_dir(accelerator.unwrap_model(model), checkpoints / "best")
+                save_model_dir(accelerator.unwrap_model(model), checkpoints / "best", state_dict=state)
         accelerator.wait_for_everyone()
         bar.set_postfix(eval_acc=f"{result['accuracy']:.4f}", refresh=False)
 
@@ -308,60 +311,58 @@ def run(recipe: dict, resume: str | None = None) -> dict:
     schedule = recipe["schedule"]
     total = schedule["total_steps"]
     stop = _StopFlags()
-    bar = tqdm(total=total, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
     stream = _micro_batches(accelerator, train_loader, progress)
     max_norm = recipe["optim"]["max_grad_norm"] or math.inf
     window = _Window(accelerator.device)
     last_saved = progress.step if resume_path is not None else -1
     model.train()
-    while progress.step < total:
-        for _ in range(accumulation):
-            waited = time.perf_counter()
-            batch = next(stream)
-            window.data_seconds += time.perf_counter() - waited
-            with accelerator.accumulate(model):
-                images, targets = inputs(batch)
-                logits = model(pixel_values=images).logits.float()
-                loss = inputs.loss(logits, targets)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.add_micro(loss.detach(), batch["skipped"])
-        if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
-            progress.skipped_updates += 1
-        window.end_update(scheduler.get_last_lr()[0])
-        scheduler.step()
-        progress.step += 1
-        bar.update(1)
+    with tqdm(total=total, initial=progress.step, desc="train", disable=not accelerator.is_main_process) as bar:
+        while progress.step < total:
+            for _ in range(accumulation):
+                waited = time.perf_counter()
+                batch = next(stream)
+                window.data_seconds += time.perf_counter() - waited
+                with accelerator.accumulate(model):
+                    images, targets = inputs(batch)
+                    logits = model(pixel_values=images).logits.float()
+                    loss = inputs.loss(logits, targets)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window.add_micro(loss.detach(), batch["skipped"])
+            if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
+                progress.skipped_updates += 1
+            window.end_update(scheduler.get_last_lr()[0])
+            scheduler.step()
+            progress.step += 1
+            bar.update(1)
 
-        step = progress.step
-        log_now = step % train_cfg["log_every"] == 0 or step == total
-        save_now = step % train_cfg["save_every"] == 0
-        eval_now = "eval" in eval_loaders and (step % train_cfg["eval_every"] == 0 or step == total)
-        if log_now or save_now or eval_now:
-            report = window.reduce(accelerator, stop.signal is not None, train_cfg["global_batch_size"])
-            progress.skipped_images += report["skipped_images"]
-            if report["nonfinite"]:
-                last = latest_checkpoint(checkpoints)
-                raise RunError(
-                    f"the training loss became NaN or infinite before step {step}; the last good checkpoint is "
-                    f"{last or 'none'}: lower optim.lr or check the data, then resume with --resume auto"
-                )
-            train_log.write(report, step - len(report["losses"]) + 1, accelerator)
-            bar.set_postfix(loss=f"{report['losses'][-1]:.4f}", lr=f"{report['lr']:.2e}", refresh=False)
-            if eval_now:
-                evaluate_and_keep_best()
-            if save_now or report["stop"]:
-                save_checkpoint(accelerator, out, step, train_cfg["keep_checkpoints"], generator)
-                last_saved = step
-            if report["stop"]:
-                bar.close()
-                accelerator.end_training()
-                accelerator.print(f"stopped at step {step}; checkpoint saved; continue with --resume auto")
-                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
-    bar.close()
+            step = progress.step
+            log_now = step % train_cfg["log_every"] == 0 or step == total
+            save_now = step % train_cfg["save_every"] == 0
+            eval_now = "eval" in eval_loaders and (step % train_cfg["eval_every"] == 0 or step == total)
+            if log_now or save_now or eval_now:
+                report = window.reduce(accelerator, stop.signal is not None, train_cfg["global_batch_size"])
+                progress.skipped_images += report["skipped_images"]
+                if report["nonfinite"]:
+                    last = latest_checkpoint(checkpoints)
+                    raise RunError(
+                        f"the training loss became NaN or infinite by step {step}; the last good checkpoint is "
+                        f"{last or 'none'}: lower optim.lr or check the data, then resume with --resume auto"
+                    )
+                train_log.write(report, step - len(report["losses"]) + 1, accelerator)
+                bar.set_postfix(loss=f"{report['losses'][-1]:.4f}", lr=f"{report['lr']:.2e}", refresh=False)
+                if eval_now:
+                    evaluate_and_keep_best()
+                if save_now or report["stop"]:
+                    save_checkpoint(accelerator, out, step, train_cfg["keep_checkpoints"], generator)
+                    last_saved = step
+                if report["stop"]:
+                    accelerator.end_training()
+                    accelerator.print(f"stopped at step {step}; checkpoint saved; continue with --resume auto")
+                    raise SystemExit(128 + (stop.signal or signal.SIGTERM))
     if last_saved != total:
         save_checkpoint(accelerator, out, total, train_cfg["keep_checkpoints"], generator)
     train_seconds = time.perf_counter() - started
@@ -405,8 +406,13 @@ def run(recipe: dict, resume: str | None = None) -> dict:
     if accelerator.is_main_process:
         _export(unwrapped, out)
         _write_json(out / "results.json", results)
+        _log_pictures(accelerator, unwrapped, splits, eval_transform)
+        write_model_card(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    hub = recipe["hub"]
+    if hub["push"] and accelerator.is_main_process:
+        accelerator.print(f"pushed: {push_to_hub(out, hub['model_id'], private=hub['private'])}")
     accelerator.print(json.dumps({k: v for k, v in results.items() if k != "class_names"}))
     return results
 
@@ -502,6 +508,26 @@ class _TrainLog:
         accelerator.log(speed, step=last)
         with open(self.path, "a") as file:
             file.write("".join(row + "\n" for row in rows))
+
+
+def _log_pictures(accelerator: Accelerator, model, splits, transform, count: int = 16) -> None:
+    """A grid of predictions and a few attention rollouts on the first test (or minival) images, to TensorBoard."""
+    dataset = splits.test if splits.test is not None else splits.eval
+    if dataset is None:
+        return
+    rows = dataset.select(range(min(count, len(dataset))))
+    batch = next(iter(make_loader(rows, splits.image_column, splits.label_column, len(rows), shuffle=False)))
+    pixels = transform(batch["pixels"].to(accelerator.device))
+    with torch.inference_mode():
+        predictions = model(pixel_values=pixels).logits.argmax(-1).cpu()
+    images = pixels_to_images(pixels)
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    grid = prediction_grid(images, batch["labels"].tolist(), predictions.tolist(), splits.class_names)
+    writer.add_image("test/predictions", grid, global_step=0, dataformats="HWC")
+    maps = attention_rollout(model, pixels[:4])
+    for i in range(len(maps)):
+        title = f"predicted {splits.class_names[predictions[i]]}"
+        writer.add_figure(f"test/attention_rollout_{i}", rollout_figure(images[i], maps[i], title), global_step=0)
 
 
 def _hardware(accelerator: Accelerator) -> str:

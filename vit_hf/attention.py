@@ -1,0 +1,175 @@
+"""Where the model looks: attention rollout maps over images, and pictures of predictions for TensorBoard.
+
+    python -m vit_hf.attention outputs/cifar10-vit-b16-224 cat.jpg photos/ --out attention_maps
+
+writes `attention_maps/<image stem>_attention.png` per image: the image and its rollout heat map side by side,
+the predicted label in the title. Attention rollout is Abnar and Zuidema, 2020, "Quantifying Attention Flow in
+Transformers" (https://arxiv.org/abs/2005.00928).
+
+From a training loop:
+
+    maps = attention_rollout(model, pixel_values)
+    writer.add_figure("attention/0", rollout_figure(pixels_to_images(pixel_values)[0], maps[0], "cat"), step)
+    writer.add_image("predictions", prediction_grid(images, labels, predictions, class_names), step, dataformats="HWC")
+"""
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import Tensor
+from transformers import ViTForImageClassification
+from transformers.utils.logging import disable_progress_bar
+
+from vit_hf.errors import UserError, cli_entry
+from vit_hf.predict import image_paths, load_image, load_model
+
+
+def rollout(attentions: Sequence[Tensor]) -> Tensor:
+    """Attention rollout of per-layer weights (B, heads, T, T), first layer first: (B, T, T), rows summing to 1.
+
+    Each layer's weights are averaged over heads, the identity is added for the residual connection and the rows
+    are renormalised; the layers are then composed in order, rollout = A_L @ ... @ A_1.
+    """
+    result = None
+    for weights in attentions:
+        layer = weights.float().mean(dim=1)
+        layer = layer + torch.eye(layer.shape[-1], device=layer.device)
+        layer = layer / layer.sum(dim=-1, keepdim=True)
+        result = layer if result is None else layer @ result
+    return result
+
+
+@torch.no_grad()
+def attention_rollout(model: ViTForImageClassification, pixel_values: Tensor) -> Tensor:
+    """How much the class token draws on each patch, through all layers: (B, grid, grid), on the model's device.
+
+    Works whatever attention kernel the model was loaded with: it switches to eager attention for the call
+    (the fused kernels do not return the weights) and back, and runs in eval mode.
+    """
+    kernel, was_training = model.config._attn_implementation, model.training
+    model.set_attn_implementation("eager")
+    model.eval()
+    try:
+        outputs = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
+    finally:
+        model.set_attn_implementation(kernel)
+        model.train(was_training)
+    class_row = rollout(outputs.attentions)[:, 0, 1:]
+    grid = math.isqrt(class_row.shape[-1])
+    return class_row.reshape(-1, grid, grid)
+
+
+def pixels_to_images(pixel_values: Tensor) -> np.ndarray:
+    """Model inputs (B, 3, H, W) scaled to [-1, 1] (this project's preprocessing) back to (B, H, W, 3) uint8."""
+    pixels = ((pixel_values.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255)
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def rollout_figure(image: np.ndarray | Image.Image, rollout_map: Tensor | np.ndarray, title: str) -> Figure:
+    """The image, and the image under its rollout heat map, side by side (for `savefig` or `writer.add_figure`).
+
+    The (grid, grid) map is stretched over the whole image, as the model's resize squashed the image onto its grid.
+    """
+    image = np.asarray(image)
+    height, width = image.shape[:2]
+    heat = torch.as_tensor(rollout_map).float().cpu().numpy()
+    figure = Figure(figsize=(6.4, 3.6), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    left.imshow(image)
+    right.imshow(image)
+    right.imshow(
+        heat / heat.max(),
+        cmap="jet",
+        alpha=0.5,
+        vmin=0,
+        vmax=1,
+        interpolation="bilinear",
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+    )
+    left.set_title("image", fontsize=9)
+    right.set_title("attention rollout", fontsize=9)
+    for axes in (left, right):
+        axes.axis("off")
+    figure.suptitle(title)
+    return figure
+
+
+def prediction_grid(
+    images: Sequence[np.ndarray | Image.Image],
+    labels: Sequence[int],
+    predictions: Sequence[int],
+    class_names: Sequence[str],
+    columns: int = 8,
+) -> np.ndarray:
+    """Images in a grid titled with their predicted class, green when right, red with the true class when wrong.
+
+    Returns an (H, W, 3) uint8 array, for `writer.add_image(..., dataformats="HWC")`.
+    """
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    figure = Figure(figsize=(1.5 * columns, 1.8 * rows), layout="constrained", dpi=100)
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for axes in grid.flat:
+        axes.axis("off")
+    for i, (image, label, predicted) in enumerate(zip(images, labels, predictions, strict=True)):
+        axes = grid.flat[i]
+        axes.imshow(np.asarray(image))
+        right = int(label) == int(predicted)
+        title = class_names[predicted] if right else f"{class_names[predicted]}\n(true: {class_names[label]})"
+        axes.set_title(title, fontsize=8, color="green" if right else "red")
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _output_paths(paths: Sequence[Path], out_dir: Path) -> list[Path]:
+    """OUT_DIR/<stem>_attention.png per image, refusing two images whose maps would overwrite each other."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:
+            raise UserError(f"{seen[path.stem]} and {path} share the name {path.stem!r}: their maps would collide")
+        seen[path.stem] = path
+    return [out_dir / f"{path.stem}_attention.png" for path in paths]
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m vit_hf.attention", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", help="a model folder (the output of a fine-tuning run or of vit_hf.convert)")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--out", required=True, help="the folder to write <image stem>_attention.png into")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    disable_progress_bar()  # stderr is for errors; stdout for the results
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    paths = image_paths(args.images)
+    out_paths = _output_paths(paths, Path(args.out))
+    model, processor = load_model(args.model_dir, attn_implementation="eager")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(paths), args.batch_size):
+        images = [load_image(path) for path in paths[start : start + args.batch_size]]
+        pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+        maps = attention_rollout(model, pixel_values)
+        with torch.no_grad():
+            scores, predicted = model(pixel_values.to(model.device)).logits.softmax(dim=-1).max(dim=-1)
+        for i, image in enumerate(images):
+            path, out_path = paths[start + i], out_paths[start + i]
+            label = model.config.id2label[int(predicted[i])]
+            rollout_figure(image, maps[i], f"{path.name}: {label} ({float(scores[i]):.0%})").savefig(out_path, dpi=120)
+            print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
