@@ -314,6 +314,7 @@ def run(recipe: dict, resume: str | None = None) -> dict:
     stream = _micro_batches(accelerator, train_loader, progress)
     max_norm = recipe["optim"]["max_grad_norm"] or math.inf
     window = _Window(accelerator.device)
+    first_step, train_started = progress.step, time.perf_counter()
     last_saved = progress.step if resume_path is not None else -1
     model.train()
     with tqdm(total=total, initial=progress.step, desc="train", disable=not accelerator.is_main_process) as bar:
@@ -365,7 +366,7 @@ def run(recipe: dict, resume: str | None = None) -> dict:
                     raise SystemExit(128 + (stop.signal or signal.SIGTERM))
     if last_saved != total:
         save_checkpoint(accelerator, out, total, train_cfg["keep_checkpoints"], generator)
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - train_started
 
     # ---- Export and test -----------------------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
@@ -392,7 +393,8 @@ def run(recipe: dict, resume: str | None = None) -> dict:
     images_seen = progress.step * train_cfg["global_batch_size"]
     results |= {
         "images_seen": images_seen,
-        "train_samples_per_second": images_seen / train_seconds,
+        # This session's updates only: a resumed run did the others earlier.
+        "train_samples_per_second": (progress.step - first_step) * train_cfg["global_batch_size"] / train_seconds,
         "wall_seconds": time.perf_counter() - started,
         "skipped_updates": progress.skipped_updates,
         "skipped_images": progress.skipped_images,
