@@ -232,7 +232,11 @@ def test_resume_after_sigkill_reaches_the_weights_and_losses_of_an_unbroken_run(
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cifar10_dir, tmp_path):
     out = tmp_path / "out"
-    sections = {"schedule": {"name": "cosine", "warmup_steps": 2, "total_steps": 1000}, "data": {"eval_split": None}}
+    sections = {
+        "schedule": {"name": "cosine", "warmup_steps": 2, "total_steps": 1000},
+        "train": {"save_every": 1000},  # the only checkpoint is the one SIGTERM asks for
+        "data": {"eval_split": None},
+    }
     recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, out, **sections))
     process = subprocess.Popen(
         [sys.executable, "-m", "vit_hf.finetune", str(recipe)],
