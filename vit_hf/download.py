@@ -87,7 +87,8 @@ def download(url: str, cache: Path) -> Path:
                 raise UserError(f"{url}: HTTP {error.code} {error.reason}") from None
             if attempt == MAX_ATTEMPTS:
                 raise UserError(
-                    f"{url}: could not be downloaded ({error}); download it by hand and pass the local .npz path"
+                    f"{url}: could not be downloaded ({error}); fetch it by hand and give the local .npz path instead "
+                    "(model.pretrained in a recipe)"
                 ) from None
             logger.warning("download of %s interrupted (%s); resuming (attempt %d)", url, error, attempt + 1)
     _check_complete_zip(partial, url)
