@@ -11,7 +11,8 @@ Both pipelines read the same parquet file with the same DataLoader settings and 
 
 Prints one JSON line per pipeline, then a Markdown table with the ratio. On a CPU device, most of our time goes to
 page faults on the fresh 77 MB float batch; PyTorch's THP_MEM_ALLOC_ENABLE=1 (huge pages for large tensors) halves
-that, so it is set here unless the environment says otherwise (THP_MEM_ALLOC_ENABLE=0 measures without). With --num-workers 0 --threads 1, each pipeline does all its work on one core: the ratio of CPU costs.
+that, so it is set here unless the environment says otherwise (THP_MEM_ALLOC_ENABLE=0 measures without).
+With --num-workers 0 --threads 1, each pipeline does all its work on one core: the ratio of CPU costs.
 """
 
 import argparse
