@@ -3,9 +3,7 @@
 import io
 import json
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from launch import offline_env, run_module
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import ViTConfig, ViTForImageClassification, pipeline
@@ -71,24 +70,8 @@ def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.json") -> Pat
     return path
 
 
-def _env() -> dict:
-    return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def finetune(recipe_path: Path, *args: str, processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m vit_hf.finetune`, or `accelerate launch --multi_gpu` with gloo processes on the CPU."""
-    if processes == 1:
-        command = [sys.executable, "-m", "vit_hf.finetune"]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(port), "-m", "vit_hf.finetune"]  # fmt: skip
-    return subprocess.run(
-        [*command, str(recipe_path), *args], capture_output=True, text=True, env=_env(), timeout=timeout
-    )
+def finetune(recipe_path: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
+    return run_module("vit_hf.finetune", [str(recipe_path), *args], processes=processes)
 
 
 def losses(out: Path) -> list[float]:
@@ -208,7 +191,7 @@ def test_resume_after_sigkill_reaches_the_weights_and_losses_of_an_unbroken_run(
     recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, broken, **sections), "b.json")
     process = subprocess.Popen(
         [sys.executable, "-m", "vit_hf.finetune", str(recipe)],
-        env=_env(),
+        env=offline_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -240,7 +223,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cifar10_dir, tmp_path):
     recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, out, **sections))
     process = subprocess.Popen(
         [sys.executable, "-m", "vit_hf.finetune", str(recipe)],
-        env=_env(),
+        env=offline_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

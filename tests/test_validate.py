@@ -2,16 +2,14 @@
 
 import io
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from launch import run_module
 from PIL import Image
 from transformers import ViTForImageClassification
 
@@ -47,22 +45,8 @@ def _args(model: Path, cifar10_dir: Path, out: Path) -> list[str]:
             "--batch-size", "64", "--num-workers", "0", "--out", str(out)]  # fmt: skip
 
 
-def _env() -> dict:
-    return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
 def _validate(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
-    """`python -m vit_hf.validate`, or `accelerate launch --multi_gpu` with gloo processes on the CPU."""
-    if processes == 1:
-        command = [sys.executable, "-m", "vit_hf.validate"]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(port), "-m", "vit_hf.validate"]  # fmt: skip
-    return subprocess.run([*command, *args], capture_output=True, text=True, env=_env(), timeout=300)
+    return run_module("vit_hf.validate", args, processes=processes, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,25 @@
+"""Run a `vit_hf` command line in real processes: one, or several gloo processes on the CPU."""
+
+import os
+import socket
+import subprocess
+import sys
+
+
+def offline_env() -> dict:
+    """The environment of a test process: no Hub, one thread a process (two processes share 2 cores)."""
+    return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS`, or `accelerate launch --multi_gpu` with PROCESSES gloo processes on the CPU."""
+    if processes == 1:
+        command = [sys.executable, "-m", module]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port), "-m", module]  # fmt: skip
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=offline_env(), timeout=timeout)
