@@ -462,12 +462,12 @@ class _Window:
 
     def reduce(self, accelerator: Accelerator, stop: bool, global_batch: int) -> dict:
         """One collective for the whole window: losses averaged over processes, flags and counts combined."""
-        seconds = time.perf_counter() - self.started
         flags = torch.stack([self.nonfinite.float(), torch.tensor(float(stop), device=self.device)])
         packed = torch.cat([torch.stack(self.losses), flags * 1e9, self.skipped.float().view(1)])
         packed = accelerator.reduce(packed, "sum") if accelerator.num_processes > 1 else packed
         n = len(self.losses)
-        values = packed.tolist()
+        values = packed.tolist()  # waits for the device: the window's time includes its queued work
+        seconds = time.perf_counter() - self.started
         report = {
             "losses": [v / accelerator.num_processes for v in values[:n]],
             "nonfinite": values[n] > 0 or not all(math.isfinite(v) for v in values[:n]),

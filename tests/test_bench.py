@@ -1,0 +1,48 @@
+"""The speed benchmark: its FLOP count, its GPU peaks, and a smoke run of the real CLI on a tiny ViT."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import ViTConfig
+
+from vit_hf.bench import MODELS, peak_tflops, training_flops_per_image
+
+
+def test_a_vit_b16_training_step_at_224_px_is_about_105_gflops_an_image():
+    config = ViTConfig(image_size=224, **MODELS["ViT-B_16"])
+    assert training_flops_per_image(config) == pytest.approx(105e9, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "device, peak",
+    [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("CPU", None)],
+)
+def test_peaks_are_found_by_device_name(device, peak):
+    assert peak_tflops(device) == peak
+
+
+@pytest.mark.slow
+def test_bench_prints_a_json_line_a_case_then_a_table_with_the_ratio(cifar10_dir):
+    dataset = {"path": "parquet", "data_files": {"train": str(cifar10_dir / "train.parquet")}}
+    command = [
+        sys.executable, "-m", "vit_hf.bench", "--model", "tiny", "--layers", "1", "--image-size", "32",
+        "--micro-batch", "8", "--precision", "no", "--warmup", "1", "--steps", "2", "--compare-trainer",
+        "--set", f"data.dataset={json.dumps(dataset)}", "--set", "data.num_workers=0", "--set", "train.log_every=1",
+    ]  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    lines = result.stdout.splitlines()
+    rows = [json.loads(line) for line in lines[:2]]
+    assert [row["case"] for row in rows] == ["vit_hf.finetune", "transformers.Trainer"]
+    for row in rows:
+        assert row["images_per_second"] > 0 and row["input_images_per_second"] > 0 and row["peak_memory_gib"] > 0
+        assert row["mfu"] is None  # a CPU has no known peak
+        assert (row["model"]["num_hidden_layers"], row["image_size"], row["micro_batch"]) == (1, 32, 8)
+    table = lines[lines.index("| case | train images/s | MFU | input images/s | peak memory GiB |") :]
+    assert [line.split(" | ")[0] for line in table[2:4]] == ["| vit_hf.finetune", "| transformers.Trainer"]
+    assert table[-1].startswith("vit_hf.finetune / transformers.Trainer: ") and table[-1].endswith("x")
