@@ -476,15 +476,21 @@ class DeviceTransform:
         self.hflip = hflip and train
 
     def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 (B, 3, H, W) to float32 (B, 3, S, S) in [-1, 1]; random draws from `generator` (on pixels' device)."""
-        images = self.geometry(pixels, generator)
-        # Augmentations of pixel values (RandAugment, random erasing) go here, on [0, 1] images of the final size.
-        return to_model_range(images)
+        """uint8 (B, 3, H, W) to float32 (B, 3, S, S) in [-1, 1]; random draws from `generator` (on pixels' device).
+
+        The [-1, 1] scaling is applied to the small input: each output pixel is a weighted mean of input pixels
+        (weights summing to one), so scaling commutes with the resampling and costs nothing at full size.
+        """
+        return self._resample(to_model_range(pixels), generator)
 
     def geometry(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Crop, resize and flip: uint8 (B, 3, H, W) to float32 (B, 3, S, S) in [0, 1]."""
-        batch, channels, height, width = pixels.shape
-        device = pixels.device
+        """Crop, resize and flip: uint8 (B, 3, H, W) to float32 (B, 3, S, S) in [0, 1], for augmentations of pixel
+        values (RandAugment, TrivialAugment) that work on [0, 1] images before `to_model_range`."""
+        return self._resample(pixels.float() / 255, generator)
+
+    def _resample(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        batch, channels, height, width = images.shape
+        device = images.device
         if self.crop_scale is None:
             boxes = torch.tensor([[0, 0, height, width]], dtype=torch.float32, device=device).expand(batch, 4)
         else:
@@ -495,7 +501,6 @@ class DeviceTransform:
         if self.hflip:
             flip = torch.rand(batch, generator=generator, device=device) < 0.5
             columns = torch.where(flip[:, None, None], columns.flip(dims=[1]), columns)
-        images = pixels.float() / 255
         # The width of all channels at once, (C * H, W) @ (W, S), then the height of each, (S, H) @ (H, S).
         wide = images.flatten(1, 2) @ columns.transpose(1, 2)
         return rows.unsqueeze(1) @ wide.view(batch, channels, height, self.image_size)

@@ -159,12 +159,15 @@ class TrainInputs:
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         augment, generator = self.augment, self.generator
-        images = self.transform.geometry(batch["pixels"], generator)
-        if augment.get("rand_augment"):
-            images = rand_augment(images, **augment["rand_augment"], generator=generator)
-        elif augment.get("trivial_augment"):
-            images = trivial_augment(images, generator=generator)
-        images = to_model_range(images)
+        if augment.get("rand_augment") or augment.get("trivial_augment"):
+            images = self.transform.geometry(batch["pixels"], generator)
+            if augment.get("rand_augment"):
+                images = rand_augment(images, **augment["rand_augment"], generator=generator)
+            else:
+                images = trivial_augment(images, generator=generator)
+            images = to_model_range(images)
+        else:
+            images = self.transform(batch["pixels"], generator)
         if augment.get("random_erasing"):
             images = random_erasing(images, augment["random_erasing"], generator=generator)
         if augment.get("mixup_alpha") or augment.get("cutmix_alpha"):
