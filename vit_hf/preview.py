@@ -1,0 +1,54 @@
+"""See what a recipe's training augmentation does: a grid of the first training images as the loop would feed them.
+
+    python -m vit_hf.preview recipes/cifar10_scratch.json --out augmented.png --count 32
+    python -m vit_hf.preview recipes/cifar10.json --out official.png --set model.image_size=96
+
+The images go through the loop's own `TrainInputs` (crop, resize, flip, RandAugment or TrivialAugment, random erasing,
+Mixup or CutMix), seeded with the recipe's seed, so the grid is what training sees.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from vit_hf.augment import save_preview_grid
+from vit_hf.data import load_splits, make_loader
+from vit_hf.errors import UserError, cli_entry
+from vit_hf.finetune import TrainInputs
+from vit_hf.recipe import load_recipe
+
+
+def augmented_batch(recipe: dict, count: int) -> torch.Tensor:
+    """The first COUNT training images of RECIPE after its training augmentation, in [-1, 1]."""
+    splits = load_splits(recipe["data"])
+    rows = splits.train.select(range(min(count, len(splits.train))))
+    loader = make_loader(rows, splits.image_column, splits.label_column, len(rows), shuffle=False)
+    generator = torch.Generator().manual_seed(recipe["train"]["seed"])
+    images, _ = TrainInputs(recipe, len(splits.class_names), generator)(next(iter(loader)))
+    return images
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vit_hf.preview", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="a JSON recipe")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--count", type=int, default=32, help="how many images (default 32)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a field")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        raise UserError(f"--count must be at least 1, got {args.count}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: expected a .png file name")
+    images = augmented_batch(load_recipe(args.recipe, args.set), args.count)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp.png")
+    save_preview_grid(images, staging)
+    staging.replace(out)
+    print(f"wrote {out}: {len(images)} augmented training images")
+
+
+if __name__ == "__main__":
+    main()
