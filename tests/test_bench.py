@@ -46,3 +46,15 @@ def test_bench_prints_a_json_line_a_case_then_a_table_with_the_ratio(cifar10_dir
     table = lines[lines.index("| case | train images/s | MFU | input images/s | peak memory GiB |") :]
     assert [line.split(" | ")[0] for line in table[2:4]] == ["| vit_hf.finetune", "| transformers.Trainer"]
     assert table[-1].startswith("vit_hf.finetune / transformers.Trainer: ") and table[-1].endswith("x")
+
+
+def test_input_pipeline_bench_prints_both_pipelines_and_the_ratio(cifar10_dir, capsys):
+    from vit_hf.bench_data import main
+
+    args = ["--parquet", str(cifar10_dir / "train.parquet"), "--image-size", "64", "--batch-size", "16"]
+    main([*args, "--num-workers", "0", "--warmup", "1", "--batches", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in lines[:2]]
+    assert [row["ratio"] for row in rows][0] == 1.0 and rows[1]["images_per_second"] > 0
+    assert rows[1]["ratio"] == pytest.approx(rows[1]["images_per_second"] / rows[0]["images_per_second"], rel=0.01)
+    assert "| pipeline | images/s | ratio |" in lines
