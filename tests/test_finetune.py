@@ -4,6 +4,7 @@ import io
 import json
 import math
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -355,3 +356,18 @@ def test_from_scratch_augmentations_run_in_the_loop(cifar10_dir, tmp_path):
     assert len(trace) == 6 and all(math.isfinite(loss) for loss in trace)
     # Soft targets keep the loss above that of a confident right answer: the smoothed entropy floor.
     assert min(trace) > 0.1
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_trains_and_counts_eval_samples_once(cifar10_dir, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, out, train={"micro_batch_size": 16}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+               "-m", "vit_hf.finetune", str(recipe)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["eval_samples"] == 301 and results["step"] == 6
