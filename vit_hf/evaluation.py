@@ -1,5 +1,6 @@
 """Evaluation over a split on any number of processes, every sample counted exactly once."""
 
+import os
 from collections.abc import Callable, Iterable
 
 import datasets
@@ -8,6 +9,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+
+
+def gloo_on_cpu() -> bool:
+    """Several processes and no GPU (`accelerate launch --multi_gpu`, torchrun): Accelerate must be told to use
+    the CPU, or each process runs alone; with cpu=True it joins them with gloo."""
+    return "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
 
 
 class Accuracy(evaluate.Metric):

@@ -36,7 +36,7 @@ from vit_hf.attention import attention_rollout, pixels_to_images, prediction_gri
 from vit_hf.augment import mixup_cutmix, rand_augment, random_erasing, trivial_augment
 from vit_hf.data import DeviceTransform, load_splits, make_loader, to_model_range
 from vit_hf.errors import RunError, UserError, cli_entry
-from vit_hf.evaluation import evaluate_split
+from vit_hf.evaluation import evaluate_split, gloo_on_cpu
 from vit_hf.export import save_model_dir, write_model_files
 from vit_hf.hub import push_to_hub, write_model_card
 from vit_hf.model import build_model
@@ -221,8 +221,7 @@ def run(recipe: dict, resume: str | None = None) -> dict:
     seed = train_cfg["seed"]
 
     # ---- Processes, precision, accumulation ---------------------------------------------------------------
-    # Several processes and no GPU (`accelerate launch --multi_gpu`, torchrun): gloo on the CPU.
-    cpu_processes = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    cpu_processes = gloo_on_cpu()
     accumulation = accumulation_steps(recipe, PartialState(cpu=cpu_processes).num_processes)
     accelerator = Accelerator(
         cpu=cpu_processes,

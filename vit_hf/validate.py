@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from accelerate import Accelerator
 from matplotlib.figure import Figure
 from transformers import ViTForImageClassification
@@ -22,7 +21,7 @@ from transformers.utils.logging import disable_progress_bar
 
 from vit_hf.data import DATA_DEFAULTS, DeviceTransform, load_splits, make_loader
 from vit_hf.errors import UserError, cli_entry
-from vit_hf.evaluation import evaluate_split
+from vit_hf.evaluation import evaluate_split, gloo_on_cpu
 from vit_hf.recipe import load_recipe
 
 RECIPE_SPLITS = {"train": "train_split", "eval": "eval_split", "test": "test_split"}
@@ -165,9 +164,7 @@ def validate(
 
     The main process prints the report and writes validate.json and confusion_matrix.png into OUT (or MODEL_DIR).
     """
-    # Several processes and no GPU (`accelerate launch --multi_gpu`, torchrun): gloo on the CPU, as in finetune.
-    cpu_processes = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=cpu_processes)
+    accelerator = Accelerator(cpu=gloo_on_cpu())
     with accelerator.main_process_first():
         try:
             splits = load_splits({**data, "train_split": None, "eval_split": None, "test_split": split})
