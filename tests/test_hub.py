@@ -12,13 +12,13 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HTTPError
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
-from torch.utils.tensorboard import SummaryWriter
 
 from vit_hf import hub
 from vit_hf.convert import load_npz
 from vit_hf.export import save_model_dir
-from vit_hf.hub import push_to_hub, read_scalars, write_model_card
+from vit_hf.hub import push_to_hub, write_model_card
 from vit_hf.push import main
+from vit_hf.run_log import read_run_scalars
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RECIPE = {
@@ -78,18 +78,14 @@ def finished_run(jax_reference_dir, tmp_path_factory):
     save_model_dir(model, out)
     (out / "recipe.json").write_text(json.dumps(RECIPE, indent=2))
     (out / "results.json").write_text(json.dumps(RESULTS, indent=2))
-    (out / "train_log.jsonl").write_text("")
     (out / "checkpoints" / "step_200").mkdir(parents=True)
     (out / "checkpoints" / "step_200" / "model.safetensors").write_bytes(b"optimizer state and all")
-    writer = SummaryWriter(out / "runs")
-    for step, loss in TRAIN_LOSS:
-        writer.add_scalar("train/loss", loss, step)
-        writer.add_scalar("train/lr", 0.03, step)
-    for step, accuracy in EVAL_ACCURACY:
-        writer.add_scalar("eval/accuracy", accuracy, step)
-        writer.add_scalar("eval/loss", 1 - accuracy, step)
-    writer.add_scalar("test/accuracy", RESULTS["test_accuracy"], 200)
-    writer.close()
+    (out / "runs").mkdir()
+    train_rows = [{"step": step, "loss": loss, "grad_norm": 1.0, "lr": 0.03} for step, loss in TRAIN_LOSS]
+    eval_rows = [{"step": step, "split": "eval", "accuracy": a, "loss": 1 - a} for step, a in EVAL_ACCURACY]
+    eval_rows.append({"step": 200, "split": "test", "accuracy": RESULTS["test_accuracy"], "loss": 0.2})
+    (out / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in train_rows))
+    (out / "eval_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in eval_rows))
     return out
 
 
@@ -155,32 +151,29 @@ def test_card_lists_every_field_of_the_recipe(run_dir):
         assert row in rows
 
 
-def test_curves_come_from_the_runs_tensorboard_scalars(run_dir):
-    scalars = read_scalars(run_dir / "runs")
+def test_curves_come_from_the_runs_own_logs(run_dir):
+    shutil.rmtree(run_dir / "runs")  # the curves need no TensorBoard event files
+    scalars = read_run_scalars(run_dir)
 
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, 201))  # in step order
-    assert dict(scalars["train/loss"]) == pytest.approx(dict(TRAIN_LOSS))  # float32 in the event file
-    assert dict(scalars["eval/accuracy"]) == pytest.approx(dict(EVAL_ACCURACY))
+    assert scalars["train/loss"] == TRAIN_LOSS
+    assert scalars["eval/accuracy"] == EVAL_ACCURACY
+    assert scalars["test/accuracy"] == [(200, RESULTS["test_accuracy"])]
     assert "![Loss and accuracy against the step](training_curves.png)" in write_model_card(run_dir).read_text()
     with Image.open(run_dir / "training_curves.png") as picture:
         assert picture.format == "PNG" and picture.width > picture.height > 200
 
 
-def test_read_scalars_keeps_what_a_resumed_run_logged_last(tmp_path):
-    first = SummaryWriter(tmp_path, filename_suffix=".0")
-    for step in range(1, 11):
-        first.add_scalar("train/loss", 1.0, step)
-    first.close()
-    resumed = SummaryWriter(tmp_path, filename_suffix=".1")  # resumed from the checkpoint at step 5
-    for step in range(6, 13):
-        resumed.add_scalar("train/loss", 2.0, step)
-    resumed.close()
+def test_read_run_scalars_keeps_what_was_logged_last_for_a_step(tmp_path):
+    rows = [{"step": step, "loss": 1.0} for step in range(1, 11)] + [{"step": s, "loss": 2.0} for s in range(6, 13)]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
-    assert read_scalars(tmp_path)["train/loss"] == [(step, 1.0 if step <= 5 else 2.0) for step in range(1, 13)]
+    assert read_run_scalars(tmp_path)["train/loss"] == [(step, 1.0 if step <= 5 else 2.0) for step in range(1, 13)]
 
 
 def test_a_run_without_scalars_gets_a_card_without_curves(run_dir):
-    shutil.rmtree(run_dir / "runs")
+    (run_dir / "train_log.jsonl").unlink()
+    (run_dir / "eval_log.jsonl").unlink()
 
     text = write_model_card(run_dir).read_text()
 

@@ -25,6 +25,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from vit_hf.download import resolve_checkpoint
 from vit_hf.errors import UserError, cli_entry
 from vit_hf.export import save_model_dir
+from vit_hf.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +240,8 @@ def npz_to_state_dict(
     return state, report
 
 
-def _label_maps(labels: list[str]) -> dict:
+def label_maps(labels: list[str]) -> dict:
+    """The config's id2label and label2id for class names in head order."""
     return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
 
 
@@ -266,7 +268,7 @@ def load_npz(
             raise UserError("give the new head's classes (labels or num_labels), or keep the file's head")
         config.num_labels = len(labels) if labels is not None else int(num_labels)
         if labels is not None:
-            config.update(_label_maps(list(labels)))
+            config.update(label_maps(list(labels)))
     elif labels is not None or num_labels is not None:
         raise UserError("keep_head keeps the file's classes: do not also give labels or num_labels")
     state, report = npz_to_state_dict(params, config, keep_head, path)
@@ -333,10 +335,8 @@ def save_npz(model: ViTForImageClassification, path: str | os.PathLike) -> Path:
     """Write MODEL as an official-layout `.npz` (written beside, then renamed: never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "wb") as file:
+    with atomic_file(path) as staging, open(staging, "wb") as file:
         np.savez(file, **model_to_npz_params(model))
-    staging.rename(path)
     return path
 
 

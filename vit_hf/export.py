@@ -1,14 +1,17 @@
-"""Writing a model folder that `from_pretrained` and `pipeline("image-classification")` load, atomically."""
+"""The model folder: what `from_pretrained` and `pipeline("image-classification")` load, written atomically and
+read back by every command (predict, validate, push, attention, few-shot and the loop's best model)."""
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 from transformers import ViTForImageClassification, ViTImageProcessorPil
+
+from vit_hf.errors import UserError
+from vit_hf.files import atomic_dir
+
+# The files of a loadable model folder.
+MODEL_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 
 
 def image_processor_for(image_size: int) -> ViTImageProcessorPil:
@@ -29,29 +32,6 @@ def image_processor_for(image_size: int) -> ViTImageProcessorPil:
     )
 
 
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside OUT_DIR that replaces OUT_DIR only if the block completes.
-
-    A failure or a kill leaves OUT_DIR as it was (a stale `.tmp-*` sibling at worst), never half-written.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield staging
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(retired / out_dir.name)
-            staging.rename(out_dir)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-
-
 def save_model_dir(
     model: ViTForImageClassification, out_dir: str | os.PathLike, state_dict: dict | None = None
 ) -> Path:
@@ -65,3 +45,21 @@ def write_model_files(model: ViTForImageClassification, folder: Path, state_dict
     """The files of a loadable model folder, written into an existing FOLDER (STATE_DICT: gathered weights)."""
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     image_processor_for(model.config.image_size).save_pretrained(folder)
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """MODEL_DIR as a Path, or a one-line UserError naming the model files it lacks."""
+    model_dir = Path(model_dir)
+    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{model_dir}: not a model folder (no {', '.join(missing)})")
+    return model_dir
+
+
+def load_model_dir(model_dir: str | os.PathLike, attn_implementation: str | None = None) -> ViTForImageClassification:
+    """The classifier of a model folder, or a one-line UserError naming the folder and what is wrong with it."""
+    model_dir = check_model_dir(model_dir)
+    try:
+        return ViTForImageClassification.from_pretrained(model_dir, attn_implementation=attn_implementation)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{model_dir}: cannot be loaded ({' '.join(str(error).split())})") from None

@@ -8,19 +8,22 @@
 SGD with momentum, warmup then cosine (or linear) decay stepped once per optimizer update, clipping of the
 synchronised gradients, gradient accumulation up to `train.global_batch_size`; evaluation on minival every
 `train.eval_every` updates; the best model on minival is exported into `output.dir` with `results.json`.
+
+The run is one `FineTune` object in torchtune's recipe shape: `__init__` sets everything up, `train` runs the updates
+(`update` is one accumulation window, in the order of a training step; `at_boundary` logs, evaluates, saves, stops),
+and `finish` exports the best model, scores the test split and writes the card.
 """
 
 import argparse
 import json
+import logging
 import math
-import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
+import psutil
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
@@ -30,508 +33,332 @@ from accelerate.utils import (
     set_seed,
 )
 from tqdm.auto import tqdm
-from transformers import ViTForImageClassification, get_scheduler
 
-from vit_hf.attention import attention_rollout, pixels_to_images, prediction_grid, rollout_figure
-from vit_hf.augment import mixup_cutmix, rand_augment, random_erasing, trivial_augment
-from vit_hf.data import DeviceTransform, load_splits, make_loader, to_model_range
+from vit_hf.checkpoint import Checkpointer, Progress, latest_checkpoint, resolve_resume
+from vit_hf.data import DeviceTransform, load_splits, make_loader
 from vit_hf.errors import RunError, UserError, cli_entry
 from vit_hf.evaluation import evaluate_split, gloo_on_cpu
-from vit_hf.export import save_model_dir, write_model_files
+from vit_hf.export import MODEL_FILES, load_model_dir, save_model_dir
+from vit_hf.files import atomic_files_into, write_json
 from vit_hf.hub import push_to_hub, write_model_card
+from vit_hf.inputs import TrainInputs
 from vit_hf.model import build_model
+from vit_hf.optim import make_optimizer, make_schedule
 from vit_hf.recipe import accumulation_steps, load_recipe
+from vit_hf.run_log import RunLog, UpdateWindow
+
+logger = logging.getLogger(__name__)
 
 
-class Progress:
-    """Where the run stands; saved in every checkpoint (through `register_for_checkpointing`)."""
+class StopSignals:
+    """SIGTERM and Ctrl-C ask the loop to save and stop at the next update; `restore` gives the handlers back."""
 
-    def __init__(self) -> None:
-        self.step = 0  # optimizer updates done
-        self.epoch = 0
-        self.batches_in_epoch = 0  # micro-batches of this process consumed in the current epoch
-        self.best_accuracy = -1.0
-        self.best_step = 0
-        self.skipped_updates = 0  # fp16 steps the gradient scaler skipped
-        self.skipped_images = 0
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def make_optimizer(model: torch.nn.Module, optim: dict) -> torch.optim.Optimizer:
-    """SGD with momentum (the official recipe) or AdamW; no weight decay on biases, norms and embeddings."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        exempt = param.ndim <= 1 or name.endswith(("position_embeddings", "cls_token"))
-        (no_decay if exempt else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": optim["weight_decay"]},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
-    if optim["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"], **fused)
-    return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), **fused)
-
-
-def make_schedule(optimizer: torch.optim.Optimizer, schedule: dict) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0, then cosine or linear decay to 0 at `total_steps`, as `vit_jax.utils`.
-
-    lr(step) = base * min(1, step / warmup) * decay(progress), progress = (step - warmup) / (total - warmup).
-    """
-    return get_scheduler(
-        schedule["name"],
-        optimizer,
-        num_warmup_steps=schedule["warmup_steps"],
-        num_training_steps=schedule["total_steps"],
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The complete checkpoint with the highest step (incomplete ones keep a temporary name)."""
-    steps = [(int(p.name.split("_")[1]), p) for p in checkpoints.glob("step_*") if p.name.split("_")[1].isdigit()]
-    return max(steps)[1] if steps else None
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, generator: torch.Generator) -> Path:
-    """The full state into checkpoints/step_N: written under a temporary name, renamed when complete."""
-    checkpoints = out / "checkpoints"
-    final, staging = checkpoints / f"step_{step}", checkpoints / f".step_{step}.tmp"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    torch.save(generator.get_state(), staging / f"augment_rng_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        old = sorted((p for p in checkpoints.glob("step_*") if p != final), key=lambda p: int(p.name.split("_")[1]))
-        for path in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(path)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resume_from(accelerator: Accelerator, path: Path, generator: torch.Generator) -> None:
-    accelerator.load_state(str(path))
-    rng = path / f"augment_rng_{accelerator.process_index}.pt"
-    if rng.exists():
-        generator.set_state(torch.load(rng))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training inputs
-
-
-class TrainInputs:
-    """Turns a uint8 micro-batch into model inputs and targets with the recipe's augmentation, on the device.
-
-    Order: crop/resize/flip -> RandAugment or TrivialAugment on [0, 1] -> [-1, 1] -> random erasing -> Mixup or
-    CutMix (soft targets). With none of the extras this is exactly the official training transform.
-    """
-
-    def __init__(self, recipe: dict, num_classes: int, generator: torch.Generator) -> None:
-        self.augment = recipe["data"]["augment"] or {}
-        self.generator = generator
-        self.num_classes = num_classes
-        self.label_smoothing = recipe["train"]["label_smoothing"]
-        self.transform = DeviceTransform(
-            recipe["model"]["image_size"],
-            train=True,
-            crop_scale=self.augment.get("crop_scale"),
-            hflip=self.augment.get("hflip", False),
-        )
-
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        augment, generator = self.augment, self.generator
-        if augment.get("rand_augment") or augment.get("trivial_augment"):
-            images = self.transform.geometry(batch["pixels"], generator)
-            if augment.get("rand_augment"):
-                images = rand_augment(images, **augment["rand_augment"], generator=generator)
-            else:
-                images = trivial_augment(images, generator=generator)
-            images = to_model_range(images)
-        else:
-            images = self.transform(batch["pixels"], generator)
-        if augment.get("random_erasing"):
-            images = random_erasing(images, augment["random_erasing"], generator=generator)
-        if augment.get("mixup_alpha") or augment.get("cutmix_alpha"):
-            return mixup_cutmix(
-                images,
-                batch["labels"],
-                self.num_classes,
-                mixup_alpha=augment["mixup_alpha"],
-                cutmix_alpha=augment["cutmix_alpha"],
-                prob=augment["mix_prob"],
-                switch_prob=augment["switch_prob"],
-                label_smoothing=self.label_smoothing,
-                generator=generator,
-            )
-        return images, batch["labels"]
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy, the mean over the micro-batch; soft targets already carry the label smoothing."""
-        if targets.ndim == 2:
-            return F.cross_entropy(logits, targets)
-        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The run
-
-
-class _StopFlags:
-    """SIGTERM and Ctrl-C ask the loop to save and stop at the next update boundary."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
-
-def _write_json(path: Path, value: dict) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(staging, path)
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
-def run(recipe: dict, resume: str | None = None) -> dict:
-    """Train as RECIPE says; returns the results (also written to output.dir/results.json)."""
-    started = time.perf_counter()
-    train_cfg, data_cfg = recipe["train"], recipe["data"]
-    out = Path(recipe["output"]["dir"])
-    seed = train_cfg["seed"]
+class FineTune:
+    """One training run of a recipe: set up, train, finish."""
 
-    # ---- Processes, precision, accumulation ---------------------------------------------------------------
-    cpu_processes = gloo_on_cpu()
-    accumulation = accumulation_steps(recipe, PartialState(cpu=cpu_processes).num_processes)
-    accelerator = Accelerator(
-        cpu=cpu_processes,
-        mixed_precision=train_cfg["mixed_precision"],
-        # The data is one endless stream, as the official input pipeline: windows may span epochs.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed, non_blocking=True),
-        step_scheduler_with_optimizer=False,  # the schedule is a function of the update count only
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if train_cfg["compile"] else None,
-    )
-    checkpoints = out / "checkpoints"
-    if resume == "auto":
-        resume_path = latest_checkpoint(checkpoints)
-    elif resume is not None:
-        resume_path = Path(resume)
-        if not (resume_path / "custom_checkpoint_0.pkl").exists():
-            raise UserError(f"--resume {resume}: not a checkpoint folder of this project")
-    else:
-        resume_path = None
-        if latest_checkpoint(checkpoints) is not None:
-            raise UserError(f"output.dir {out} already holds checkpoints: pass --resume auto, or choose another dir")
-    set_seed(seed)
+    def __init__(self, recipe: dict, resume: str | None = None) -> None:
+        self.started = time.perf_counter()
+        self.recipe, self.cfg = recipe, recipe["train"]
+        self.out = Path(recipe["output"]["dir"])
+        self.accelerator = accelerator = self._make_accelerator()
+        resume_path = resolve_resume(self.out / "checkpoints", resume)
+        set_seed(self.cfg["seed"])
+        with accelerator.local_main_process_first():  # downloads land in a cache local to each machine
+            self.splits = load_splits(recipe["data"])
+            model = build_model(recipe["model"], self.splits.class_names)
+        if self.cfg["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        train_loader, self.eval_loaders = self._make_loaders()
+        optimizer = make_optimizer(model, recipe["optim"])
+        scheduler = make_schedule(optimizer, recipe["schedule"])
+        self.model, self.optimizer, train_loader, self.scheduler = accelerator.prepare(
+            model, optimizer, train_loader, scheduler
+        )
+        self.eval_loaders = {name: accelerator.prepare(loader) for name, loader in self.eval_loaders.items()}
+        self.eval_transform = DeviceTransform(recipe["model"]["image_size"], train=False)
+        self.progress = Progress()
+        accelerator.register_for_checkpointing(self.progress)
+        # The augmentations' own generator on the device, one stream per process, saved in every checkpoint.
+        seed = self.cfg["seed"] * 1_000_003 + accelerator.process_index
+        generator = torch.Generator(accelerator.device).manual_seed(seed)
+        self.inputs = TrainInputs(recipe, len(self.splits.class_names), generator)
+        self.checkpointer = Checkpointer(accelerator, self.out / "checkpoints", self.cfg["keep_checkpoints"], generator)
+        if resume_path is not None:
+            self.checkpointer.resume(resume_path)
+            accelerator.print(f"resumed from {resume_path} at step {self.progress.step}")
+        self.last_saved = self.progress.step if resume_path is not None else -1
+        self.first_step = self.progress.step
+        if accelerator.is_main_process:
+            write_json(self.out / "recipe.json", recipe)
+        accelerator.init_trackers("runs")
+        self.log = RunLog(self.out, self.progress.step, accelerator)
+        self.stream = self._micro_batches(train_loader)
+        self.window = UpdateWindow(accelerator.device)
+        self.max_norm = recipe["optim"]["max_grad_norm"] or math.inf
 
-    # ---- Input pipeline ------------------------------------------------------------------------------------
-    with accelerator.main_process_first():
-        splits = load_splits(data_cfg)
-        model = build_model(recipe["model"], splits.class_names)
-    image_size = recipe["model"]["image_size"]
+    def _make_accelerator(self) -> Accelerator:
+        cpu_processes = gloo_on_cpu()
+        self.accumulation = accumulation_steps(self.recipe, PartialState(cpu=cpu_processes).num_processes)
+        return Accelerator(
+            cpu=cpu_processes,
+            mixed_precision=self.cfg["mixed_precision"],
+            # The data is one endless stream, as the official input pipeline: windows may span epochs.
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=self.accumulation, sync_with_dataloader=False
+            ),
+            dataloader_config=DataLoaderConfiguration(
+                use_seedable_sampler=True, data_seed=self.cfg["seed"], non_blocking=True
+            ),
+            step_scheduler_with_optimizer=False,  # the schedule is a function of the update count only
+            log_with=self.cfg["report_to"],
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out)),
+            dynamo_plugin=TorchDynamoPlugin(backend="inductor") if self.cfg["compile"] else None,
+        )
 
-    def loader(dataset, batch_size, train):
+    def _loader(self, dataset, batch_size: int, train: bool):
+        data = self.recipe["data"]
         return make_loader(
-            dataset, splits.image_column, splits.label_column, batch_size,
-            shuffle=train, seed=seed, num_workers=data_cfg["num_workers"], drop_last=train,
-            bad_images=data_cfg["bad_images"], image_size=image_size,
+            dataset, self.splits.image_column, self.splits.label_column, batch_size,
+            shuffle=train, seed=self.cfg["seed"], num_workers=data["num_workers"], drop_last=train,
+            bad_images=data["bad_images"], image_size=self.recipe["model"]["image_size"],
         )  # fmt: skip
 
-    train_loader = loader(splits.train, train_cfg["micro_batch_size"], train=True)
-    if len(train_loader) < accelerator.num_processes:
-        raise UserError(
-            f"data.train_split: {len(splits.train)} images do not fill one micro-batch of "
-            f"{train_cfg['micro_batch_size']} on each of {accelerator.num_processes} processes"
-        )
-    eval_loaders = {
-        name: loader(dataset, train_cfg["eval_batch_size"], train=False)
-        for name, dataset in (("eval", splits.eval), ("test", splits.test))
-        if dataset is not None
-    }
-    eval_transform = DeviceTransform(image_size, train=False)
+    def _make_loaders(self) -> tuple:
+        splits, processes = self.splits, self.accelerator.num_processes
+        train_loader = self._loader(splits.train, self.cfg["micro_batch_size"], train=True)
+        if len(train_loader) < processes:
+            raise UserError(
+                f"data.train_split: {len(splits.train)} images do not fill one micro-batch of "
+                f"{self.cfg['micro_batch_size']} on each of {processes} processes"
+            )
+        evals = {"eval": splits.eval, "test": splits.test}
+        return train_loader, {
+            name: self._loader(dataset, self.cfg["eval_batch_size"], train=False)
+            for name, dataset in evals.items()
+            if dataset is not None
+        }
 
-    # ---- Model, optimizer, schedule ------------------------------------------------------------------------
-    optimizer = make_optimizer(model, recipe["optim"])
-    scheduler = make_schedule(optimizer, recipe["schedule"])
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    eval_loaders = {name: accelerator.prepare(dl) for name, dl in eval_loaders.items()}
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed * 1_000_003 + accelerator.process_index)
-    inputs = TrainInputs(recipe, len(splits.class_names), generator)
+    def _micro_batches(self, loader):
+        """An endless stream of this process's micro-batches, resumable mid-epoch from `progress`."""
+        progress = self.progress
+        while True:
+            loader.set_epoch(progress.epoch)  # the shuffle of epoch e depends on (seed, e) only
+            skip = progress.batches_in_epoch
+            for batch in self.accelerator.skip_first_batches(loader, skip) if skip else loader:
+                progress.batches_in_epoch += 1
+                yield batch
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
 
-    # ---- Checkpoint ----------------------------------------------------------------------------------------
-    if resume_path is not None:
-        resume_from(accelerator, resume_path, generator)
-        accelerator.print(f"resumed from {resume_path} at step {progress.step}")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "recipe.json", recipe)
-    accelerator.init_trackers("runs")
-    train_log = _TrainLog(out / "train_log.jsonl", progress.step, accelerator.is_main_process)
+    # ---- Train ---------------------------------------------------------------------------------------------
 
-    # ---- Evaluation ----------------------------------------------------------------------------------------
-    def run_eval(name: str) -> dict:
-        result = evaluate_split(model, eval_loaders[name], eval_transform, accelerator)
-        accelerator.log({f"{name}/accuracy": result["accuracy"], f"{name}/loss": result["loss_mean"]}, progress.step)
+    def train(self) -> None:
+        """Updates until `schedule.total_steps`; a signal saves a checkpoint and exits with 128 + its number."""
+        total = self.recipe["schedule"]["total_steps"]
+        self.stop = StopSignals()
+        self.train_started = time.perf_counter()
+        self.model.train()
+        bar = tqdm(total=total, initial=self.progress.step, desc="train", disable=not self.accelerator.is_main_process)
+        try:
+            with bar:
+                self.bar = bar
+                while self.progress.step < total:
+                    self.update()
+                    self.at_boundary(last=self.progress.step == total)
+        finally:
+            self.stop.restore()
+        self.train_seconds = time.perf_counter() - self.train_started
+
+    def update(self) -> None:
+        """One optimizer update: `accumulation` micro-batches, clipping on the last, then the schedule.
+
+        Nothing here reads a device value on the host: the loss, the gradient norm and the flags stay on the device
+        until the next log step.
+        """
+        accelerator, model, window = self.accelerator, self.model, self.window
+        for _ in range(self.accumulation):
+            waited = time.perf_counter()
+            batch = next(self.stream)
+            window.data_seconds += time.perf_counter() - waited
+            with accelerator.accumulate(model):
+                images, targets = self.inputs(batch)
+                logits = model(pixel_values=images).logits.float()
+                loss = self.inputs.loss(logits, targets)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.max_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window.add_micro(loss.detach(), batch["skipped"])
+        if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
+            self.progress.skipped_updates += 1
+        window.end_update(self.scheduler.get_last_lr()[0])
+        self.scheduler.step()
+        self.progress.step += 1
+        self.bar.update(1)
+
+    def at_boundary(self, last: bool) -> None:
+        """After an update: log, evaluate, save and stop where the recipe or a signal asks, and stop on a NaN."""
+        step, cfg = self.progress.step, self.cfg
+        log_now = step % cfg["log_every"] == 0 or last
+        save_now = step % cfg["save_every"] == 0
+        eval_now = "eval" in self.eval_loaders and (step % cfg["eval_every"] == 0 or last)
+        stop_requested = self.stop.signal is not None
+        if not (log_now or save_now or eval_now or stop_requested):
+            return
+        report = self.window.reduce(self.accelerator, stop_requested, cfg["global_batch_size"])
+        self.progress.skipped_images += report["skipped_images"]
+        if report["nonfinite"]:
+            raise RunError(
+                f"the training loss became NaN or infinite by step {step}; the last good checkpoint is "
+                f"{latest_checkpoint(self.checkpointer.dir) or 'none'}: lower optim.lr or check the data, "
+                "then resume with --resume auto"
+            )
+        self.log.train(report, step - len(report["losses"]) + 1)
+        self.bar.set_postfix(loss=f"{report['losses'][-1]:.4f}", lr=f"{report['lr']:.2e}", refresh=False)
+        if eval_now:
+            self.evaluate_and_keep_best()
+        if save_now or report["stop"]:
+            self.save_checkpoint()
+        if report["stop"]:
+            self.accelerator.end_training()
+            self.accelerator.print(f"stopped at step {step}; checkpoint saved; continue with --resume auto")
+            raise SystemExit(128 + (self.stop.signal or signal.SIGTERM))
+
+    def evaluate(self, name: str, model: torch.nn.Module) -> dict:
+        with self.accelerator.autocast():
+            result = evaluate_split(model, self.eval_loaders[name], self.eval_transform, self.accelerator)
+        self.log.eval(name, self.progress.step, result["accuracy"], result["loss_mean"])
         return result
 
-    def evaluate_and_keep_best() -> None:
-        result = run_eval("eval")
+    def evaluate_and_keep_best(self) -> None:
+        """Minival; a new best model goes to checkpoints/best (a collective under FSDP: every process takes part)."""
+        result = self.evaluate("eval", self.model)
+        progress = self.progress
         if result["accuracy"] > progress.best_accuracy:
             progress.best_accuracy, progress.best_step = result["accuracy"], progress.step
-            state = accelerator.get_state_dict(model)  # a collective under FSDP: every process takes part
-            if accelerator.is_main_process:
-                save_model_dir(accelerator.unwrap_model(model), checkpoints / "best", state_dict=state)
+            self._save_model(self.checkpointer.dir / "best")
+        self.bar.set_postfix(eval_acc=f"{result['accuracy']:.4f}", refresh=False)
+
+    def _save_model(self, folder: Path) -> None:
+        state = self.accelerator.get_state_dict(self.model)
+        if self.accelerator.is_main_process:
+            save_model_dir(self.accelerator.unwrap_model(self.model), folder, state_dict=state)
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> None:
+        self.checkpointer.save(self.progress.step)
+        self.last_saved = self.progress.step
+
+    # ---- Finish --------------------------------------------------------------------------------------------
+
+    def finish(self) -> dict:
+        """The final checkpoint, the exported model (the best on minival), the test score, results and card."""
+        finish_started = time.perf_counter()
+        accelerator, out = self.accelerator, self.out
+        if self.last_saved != self.progress.step:
+            self.save_checkpoint()
+        best = self.checkpointer.dir / "best"
+        if "eval" not in self.eval_loaders or not (best / "model.safetensors").exists():
+            self._save_model(best)  # no minival: the last model is the one exported
+        # Every process loads the exported model whole, so that scoring it needs no sharded state.
+        model = load_model_dir(best).to(accelerator.device)
+        results = self._results()
+        for name in self.eval_loaders:
+            result = self.evaluate(name, model)
+            results |= {f"{name}_{key}": result[key] for key in ("accuracy", "samples")}
+            results[f"{name}_loss"] = result["loss_mean"]
+        if accelerator.is_main_process:
+            with atomic_files_into(out) as staging:
+                for name in MODEL_FILES:
+                    (staging / name).write_bytes((best / name).read_bytes())
+            self._log_pictures(model)
+            results["wall_seconds"] = time.perf_counter() - self.started
+            write_json(out / "results.json", results)
+            write_model_card(out)
+            results["finish_seconds"] = time.perf_counter() - finish_started
+            write_json(out / "results.json", results)
         accelerator.wait_for_everyone()
-        bar.set_postfix(eval_acc=f"{result['accuracy']:.4f}", refresh=False)
+        accelerator.end_training()
+        hub = self.recipe["hub"]
+        if hub["push"] and accelerator.is_main_process:
+            accelerator.print(f"pushed: {push_to_hub(out, hub['model_id'], private=hub['private'])}")
+        accelerator.print(json.dumps({k: v for k, v in results.items() if k != "class_names"}))
+        return results
 
-    # ---- Train loop ----------------------------------------------------------------------------------------
-    schedule = recipe["schedule"]
-    total = schedule["total_steps"]
-    stop = _StopFlags()
-    stream = _micro_batches(accelerator, train_loader, progress)
-    max_norm = recipe["optim"]["max_grad_norm"] or math.inf
-    window = _Window(accelerator.device)
-    first_step, train_started = progress.step, time.perf_counter()
-    last_saved = progress.step if resume_path is not None else -1
-    model.train()
-    with tqdm(total=total, initial=progress.step, desc="train", disable=not accelerator.is_main_process) as bar:
-        while progress.step < total:
-            for _ in range(accumulation):
-                waited = time.perf_counter()
-                batch = next(stream)
-                window.data_seconds += time.perf_counter() - waited
-                with accelerator.accumulate(model):
-                    images, targets = inputs(batch)
-                    logits = model(pixel_values=images).logits.float()
-                    loss = inputs.loss(logits, targets)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                window.add_micro(loss.detach(), batch["skipped"])
-            if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
-                progress.skipped_updates += 1
-            window.end_update(scheduler.get_last_lr()[0])
-            scheduler.step()
-            progress.step += 1
-            bar.update(1)
-
-            step = progress.step
-            log_now = step % train_cfg["log_every"] == 0 or step == total
-            save_now = step % train_cfg["save_every"] == 0
-            eval_now = "eval" in eval_loaders and (step % train_cfg["eval_every"] == 0 or step == total)
-            if log_now or save_now or eval_now:
-                report = window.reduce(accelerator, stop.signal is not None, train_cfg["global_batch_size"])
-                progress.skipped_images += report["skipped_images"]
-                if report["nonfinite"]:
-                    last = latest_checkpoint(checkpoints)
-                    raise RunError(
-                        f"the training loss became NaN or infinite by step {step}; the last good checkpoint is "
-                        f"{last or 'none'}: lower optim.lr or check the data, then resume with --resume auto"
-                    )
-                train_log.write(report, step - len(report["losses"]) + 1, accelerator)
-                bar.set_postfix(loss=f"{report['losses'][-1]:.4f}", lr=f"{report['lr']:.2e}", refresh=False)
-                if eval_now:
-                    evaluate_and_keep_best()
-                if save_now or report["stop"]:
-                    save_checkpoint(accelerator, out, step, train_cfg["keep_checkpoints"], generator)
-                    last_saved = step
-                if report["stop"]:
-                    accelerator.end_training()
-                    accelerator.print(f"stopped at step {step}; checkpoint saved; continue with --resume auto")
-                    raise SystemExit(128 + (stop.signal or signal.SIGTERM))
-    if last_saved != total:
-        save_checkpoint(accelerator, out, total, train_cfg["keep_checkpoints"], generator)
-    train_seconds = time.perf_counter() - train_started
-
-    # ---- Export and test -----------------------------------------------------------------------------------
-    unwrapped = accelerator.unwrap_model(model)
-    if "eval" in eval_loaders and (checkpoints / "best" / "model.safetensors").exists():
-        best = ViTForImageClassification.from_pretrained(checkpoints / "best")
-        unwrapped.load_state_dict(best.state_dict())
-    results = {
-        "step": progress.step,
-        "best_step": progress.best_step if "eval" in eval_loaders else progress.step,
-        "eval_accuracy": None,
-        "eval_loss": None,
-        "eval_samples": 0,
-        "test_accuracy": None,
-        "test_loss": None,
-        "test_samples": 0,
-    }
-    for name in eval_loaders:
-        result = run_eval(name)
-        results |= {
-            f"{name}_accuracy": result["accuracy"],
-            f"{name}_loss": result["loss_mean"],
-            f"{name}_samples": result["samples"],
+    def _results(self) -> dict:
+        progress, cfg, has_eval = self.progress, self.cfg, "eval" in self.eval_loaders
+        updates = progress.step - self.first_step  # this session's: a resumed run did the others earlier
+        return {
+            "step": progress.step,
+            "best_step": progress.best_step if has_eval else progress.step,
+            **{f"{split}_{key}": None for split in ("eval", "test") for key in ("accuracy", "loss")},
+            "eval_samples": 0,
+            "test_samples": 0,
+            "images_seen": progress.step * cfg["global_batch_size"],
+            "train_samples_per_second": updates * cfg["global_batch_size"] / self.train_seconds,
+            "startup_seconds": self.train_started - _process_started_perf(),
+            "skipped_updates": progress.skipped_updates,
+            "skipped_images": progress.skipped_images,
+            "num_processes": self.accelerator.num_processes,
+            "micro_batch_size": cfg["micro_batch_size"],
+            "accumulation_steps": self.accumulation,
+            "hardware": _hardware(self.accelerator),
+            "mixed_precision": cfg["mixed_precision"],
+            "base_model": self.recipe["model"]["pretrained"],
+            "dataset": self.splits.name,
+            "class_names": self.splits.class_names,
         }
-    images_seen = progress.step * train_cfg["global_batch_size"]
-    results |= {
-        "images_seen": images_seen,
-        # This session's updates only: a resumed run did the others earlier.
-        "train_samples_per_second": (progress.step - first_step) * train_cfg["global_batch_size"] / train_seconds,
-        "wall_seconds": time.perf_counter() - started,
-        "skipped_updates": progress.skipped_updates,
-        "skipped_images": progress.skipped_images,
-        "num_processes": accelerator.num_processes,
-        "hardware": _hardware(accelerator),
-        "mixed_precision": train_cfg["mixed_precision"],
-        "base_model": recipe["model"]["pretrained"],
-        "dataset": splits.name,
-        "class_names": splits.class_names,
-    }
-    if accelerator.is_main_process:
-        _export(unwrapped, out)
-        _write_json(out / "results.json", results)
-        _log_pictures(accelerator, unwrapped, splits, eval_transform)
-        write_model_card(out)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    hub = recipe["hub"]
-    if hub["push"] and accelerator.is_main_process:
-        accelerator.print(f"pushed: {push_to_hub(out, hub['model_id'], private=hub['private'])}")
-    accelerator.print(json.dumps({k: v for k, v in results.items() if k != "class_names"}))
-    return results
 
+    def _log_pictures(self, model, count: int = 16) -> None:
+        """A grid of predictions and a few attention rollouts of the first test (or minival) images, to TensorBoard.
 
-def _micro_batches(accelerator: Accelerator, loader, progress: Progress):
-    """An endless stream of this process's micro-batches, resumable mid-epoch from `progress`."""
-    while True:
-        loader.set_epoch(progress.epoch)  # the shuffle of epoch e depends on (seed, e) only
-        skip = progress.batches_in_epoch
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            progress.batches_in_epoch += 1
-            yield batch
-        progress.epoch += 1
-        progress.batches_in_epoch = 0
-
-
-class _Window:
-    """Per-update figures kept on the device between log steps, so the step never waits on the host."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.grad_norm = torch.zeros((), device=device)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.losses: list[torch.Tensor] = []
-        self.grad_norms: list[torch.Tensor] = []
-        self.lrs: list[float] = []
-        self.micro: list[torch.Tensor] = []
-        self.skipped = torch.zeros((), device=self.device, dtype=torch.long)
-        self.nonfinite = torch.zeros((), device=self.device, dtype=torch.bool)
-        self.data_seconds = 0.0
-        self.started = time.perf_counter()
-
-    def add_micro(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
-        self.micro.append(loss)
-        self.skipped += skipped.to(self.device)
-        self.nonfinite |= ~torch.isfinite(loss)
-
-    def end_update(self, lr: float) -> None:
-        self.losses.append(torch.stack(self.micro).mean())
-        self.grad_norms.append(torch.as_tensor(self.grad_norm, device=self.device, dtype=torch.float32))
-        self.lrs.append(lr)
-        self.micro = []
-
-    def reduce(self, accelerator: Accelerator, stop: bool, global_batch: int) -> dict:
-        """One collective for the whole window: losses averaged over processes, flags and counts combined."""
-        flags = torch.stack([self.nonfinite.float(), torch.tensor(float(stop), device=self.device)])
-        packed = torch.cat([torch.stack(self.losses), flags * 1e9, self.skipped.float().view(1)])
-        packed = accelerator.reduce(packed, "sum") if accelerator.num_processes > 1 else packed
-        n = len(self.losses)
-        values = packed.tolist()  # waits for the device: the window's time includes its queued work
-        seconds = time.perf_counter() - self.started
-        report = {
-            "losses": [v / accelerator.num_processes for v in values[:n]],
-            "nonfinite": values[n] > 0 or not all(math.isfinite(v) for v in values[:n]),
-            "stop": values[n + 1] > 0,
-            "skipped_images": int(values[n + 2]),
-            "grad_norms": torch.stack(self.grad_norms).tolist(),
-            "lrs": self.lrs,
-            "lr": self.lrs[-1],
-            "images_per_second": n * global_batch / seconds,
-            "data_wait_share": self.data_seconds / seconds,
-        }
-        self._reset()
-        return report
-
-
-class _TrainLog:
-    """Per-update figures to TensorBoard and to train_log.jsonl (main process), continued on resume."""
-
-    def __init__(self, path: Path, resumed_step: int, is_main: bool) -> None:
-        self.path, self.is_main = path, is_main
-        if is_main and path.exists():  # drop updates after the checkpoint we resume from: they are redone
-            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
-            path.write_text("".join(line + "\n" for line in lines))
-
-    def write(self, report: dict, first_step: int, accelerator: Accelerator) -> None:
-        if not self.is_main:
+        A picture is a nicety: if it fails, the run says so and still writes its results and card.
+        """
+        if "tensorboard" not in self.cfg["report_to"]:
             return
-        rows = []
-        for i, (loss, grad_norm, lr) in enumerate(
-            zip(report["losses"], report["grad_norms"], report["lrs"], strict=True)
-        ):
-            step = first_step + i
-            accelerator.log({"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}, step=step)
-            rows.append(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr}))
-        last = first_step + len(rows) - 1
-        speed = {
-            "train/images_per_second": report["images_per_second"],
-            "train/data_wait_share": report["data_wait_share"],
-        }
-        accelerator.log(speed, step=last)
-        with open(self.path, "a") as file:
-            file.write("".join(row + "\n" for row in rows))
+        splits = self.splits
+        dataset = splits.test if splits.test is not None else splits.eval
+        if dataset is None:
+            return
+        try:
+            from vit_hf.attention import attention_rollout, pixels_to_images, prediction_grid, rollout_figure
+
+            rows = dataset.select(range(min(count, len(dataset))))
+            batch = next(iter(self._loader(rows, len(rows), train=False)))
+            pixels = self.eval_transform(batch["pixels"].to(self.accelerator.device))
+            with torch.inference_mode():
+                predictions = model(pixel_values=pixels).logits.argmax(-1).cpu()
+            images = pixels_to_images(pixels)
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            grid = prediction_grid(images, batch["labels"].tolist(), predictions.tolist(), splits.class_names)
+            writer.add_image("test/predictions", grid, global_step=0, dataformats="HWC")
+            maps = attention_rollout(model, pixels[:4])
+            for i in range(len(maps)):
+                title = f"predicted {splits.class_names[predictions[i]]}"
+                figure = rollout_figure(images[i], maps[i], title)
+                writer.add_figure(f"test/attention_rollout_{i}", figure, global_step=0)
+        except Exception as error:  # noqa: BLE001 - any failure here must not lose the run's results
+            logger.warning("could not draw the prediction pictures: %s", " ".join(str(error).split()))
 
 
-def _log_pictures(accelerator: Accelerator, model, splits, transform, count: int = 16) -> None:
-    """A grid of predictions and a few attention rollouts on the first test (or minival) images, to TensorBoard."""
-    dataset = splits.test if splits.test is not None else splits.eval
-    if dataset is None:
-        return
-    rows = dataset.select(range(min(count, len(dataset))))
-    batch = next(iter(make_loader(rows, splits.image_column, splits.label_column, len(rows), shuffle=False)))
-    pixels = transform(batch["pixels"].to(accelerator.device))
-    with torch.inference_mode():
-        predictions = model(pixel_values=pixels).logits.argmax(-1).cpu()
-    images = pixels_to_images(pixels)
-    writer = accelerator.get_tracker("tensorboard", unwrap=True)
-    grid = prediction_grid(images, batch["labels"].tolist(), predictions.tolist(), splits.class_names)
-    writer.add_image("test/predictions", grid, global_step=0, dataformats="HWC")
-    maps = attention_rollout(model, pixels[:4])
-    for i in range(len(maps)):
-        title = f"predicted {splits.class_names[predictions[i]]}"
-        writer.add_figure(f"test/attention_rollout_{i}", rollout_figure(images[i], maps[i], title), global_step=0)
+def _process_started_perf() -> float:
+    """The process's launch on the `time.perf_counter` clock."""
+    return time.perf_counter() - (time.time() - psutil.Process().create_time())
 
 
 def _hardware(accelerator: Accelerator) -> str:
@@ -540,16 +367,11 @@ def _hardware(accelerator: Accelerator) -> str:
     return f"{accelerator.num_processes}x {name}"
 
 
-def _export(model, out: Path) -> None:
-    """The model files into OUT, each replaced atomically (OUT also holds runs/ and checkpoints/)."""
-    staging = out / ".export.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    write_model_files(model, staging)
-    for path in staging.iterdir():
-        os.replace(path, out / path.name)
-    staging.rmdir()
+def run(recipe: dict, resume: str | None = None) -> dict:
+    """Train as RECIPE says; returns the results (also written to output.dir/results.json)."""
+    job = FineTune(recipe, resume)
+    job.train()
+    return job.finish()
 
 
 @cli_entry

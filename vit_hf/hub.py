@@ -2,7 +2,7 @@
 
 `write_model_card(output_dir)` writes README.md: Hub metadata with a model-index (test and minival accuracy),
 the base checkpoint, data and splits, every field of the resolved recipe, steps, hardware, wall time, the
-training curves (training_curves.png, from the run's TensorBoard scalars) and how to use the model.
+training curves (training_curves.png, from the run's train_log.jsonl and eval_log.jsonl) and how to use the model.
 `push_to_hub(output_dir, model_id)` refreshes the card and uploads the files a model repository needs.
 """
 
@@ -14,22 +14,22 @@ from pathlib import Path
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
-from matplotlib.figure import Figure
-from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
 from vit_hf.download import CATALOG
 from vit_hf.errors import UserError
+from vit_hf.export import MODEL_FILES, check_model_dir
 from vit_hf.model import is_official_checkpoint
+from vit_hf.recipe import SPLIT_FIELDS
+from vit_hf.run_log import read_run_scalars
 
 CARD = "README.md"
 CURVES = "training_curves.png"
 # A model repository gets the loadable model, its card and what the card refers to; the run's checkpoints/ and
 # runs/ stay local (the curves PNG shows what runs/ holds).
-MODEL_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
 UPLOADED = (*MODEL_FILES, CARD, "recipe.json", "results.json", CURVES)
 PAPER = "https://arxiv.org/abs/2010.11929"
 # The evaluated splits: their name in the card, their field in the recipe's data section, their key in results.json.
-REPORTED_SPLITS = (("test", "test_split", "test"), ("minival", "eval_split", "eval"))
+REPORTED_SPLITS = tuple((name, SPLIT_FIELDS[key], key) for name, key in (("test", "test"), ("minival", "eval")))
 # Minival is evaluated every few hundred steps (a line); test once, at the end (a star).
 EVAL_STYLES = {
     "eval": {"color": "tab:orange", "marker": "o", "markersize": 4, "label": "minival"},
@@ -39,21 +39,6 @@ EVAL_STYLES = {
 
 # ----------------------------------------------------------------------------------------------------------
 # Training curves
-
-
-def read_scalars(runs_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of the TensorBoard event files under RUNS_DIR: tag -> [(step, value)] by step.
-
-    A step logged twice (a resumed run redoes the steps after its checkpoint) keeps the value logged last.
-    """
-    series: dict[str, dict[int, float]] = {}
-    for folder in sorted({path.parent for path in Path(runs_dir).rglob("events.out.tfevents.*")}):
-        accumulator = EventAccumulator(str(folder), size_guidance={SCALARS: 0})  # 0: keep every point
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            for event in accumulator.Scalars(tag):
-                series.setdefault(tag, {})[event.step] = event.value
-    return {tag: sorted(points.items()) for tag, points in series.items()}
 
 
 def _smooth(values: list[float]) -> list[float]:
@@ -77,6 +62,8 @@ def plot_training_curves(scalars: dict[str, list[tuple[int, float]]], path: str 
     """
     if not any(tag in scalars for tag in ("train/loss", "eval/loss", "eval/accuracy", "test/accuracy")):
         return None
+    from matplotlib.figure import Figure  # imported here: a run pays for matplotlib only when it draws
+
     figure = Figure(figsize=(10, 3.8), layout="constrained")
     loss, accuracy = figure.subplots(1, 2)
     if "train/loss" in scalars:
@@ -265,7 +252,7 @@ def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None)
     output_dir = Path(output_dir)
     recipe = _read_json(output_dir / "recipe.json")
     results = _read_json(output_dir / "results.json")
-    curves = plot_training_curves(read_scalars(output_dir / "runs"), output_dir / CURVES)
+    curves = plot_training_curves(read_run_scalars(output_dir), output_dir / CURVES)
     data = _card_data(recipe, results, model_id or recipe["name"])
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_text(recipe, results, model_id, curves is not None)}")
     path = output_dir / CARD
@@ -279,10 +266,7 @@ def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None)
 
 def files_to_upload(output_dir: str | os.PathLike) -> list[str]:
     """The files of OUTPUT_DIR a model repository gets, by name; a UserError when the model files are missing."""
-    output_dir = Path(output_dir)
-    missing = [name for name in MODEL_FILES if not (output_dir / name).is_file()]
-    if missing:
-        raise UserError(f"{output_dir}: not a model folder (no {', '.join(missing)})")
+    output_dir = check_model_dir(output_dir)
     return [name for name in UPLOADED if (output_dir / name).is_file()]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from vit_hf.convert import OFFICIAL_GELU, OFFICIAL_LAYER_NORM_EPS, load_npz, resize_position_embeddings
+from vit_hf.convert import OFFICIAL_GELU, OFFICIAL_LAYER_NORM_EPS, label_maps, load_npz, resize_position_embeddings
 from vit_hf.download import CATALOG, is_url
 from vit_hf.errors import UserError
 
@@ -22,7 +22,7 @@ def is_official_checkpoint(source: str) -> bool:
 
 def build_model(model: dict, class_names: list[str]) -> ViTForImageClassification:
     """A ViTForImageClassification for the recipe's `model` section with a head for CLASS_NAMES."""
-    labels = {"id2label": dict(enumerate(class_names)), "label2id": {c: i for i, c in enumerate(class_names)}}
+    labels = label_maps(class_names)
     dropout = {"hidden_dropout_prob": float(model["dropout"])}
     source, image_size = model["pretrained"], model["image_size"]
     if source is None:

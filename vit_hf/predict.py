@@ -17,9 +17,9 @@ from transformers import AutoImageProcessor, BaseImageProcessor, ViTForImageClas
 from transformers.utils.logging import disable_progress_bar
 
 from vit_hf.errors import UserError, cli_entry
+from vit_hf.export import load_model_dir
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-MODEL_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 
 
 def image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -52,12 +52,8 @@ def load_model(
     model_dir: str | os.PathLike, attn_implementation: str | None = None
 ) -> tuple[ViTForImageClassification, BaseImageProcessor]:
     """The model of a model folder, in eval mode on the GPU when there is one, and its image processor."""
-    model_dir = Path(model_dir)
-    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
-    if missing:
-        raise UserError(f"{model_dir}: not a model folder (no {', '.join(missing)})")
+    model = load_model_dir(model_dir, attn_implementation)
     try:
-        model = ViTForImageClassification.from_pretrained(model_dir, attn_implementation=attn_implementation)
         processor = AutoImageProcessor.from_pretrained(model_dir)
     except (OSError, ValueError) as error:
         raise UserError(f"{model_dir}: cannot be loaded ({' '.join(str(error).split())})") from None

@@ -10,7 +10,6 @@ processes, as the fine-tuning loop does; every sample of the split is counted ex
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +18,13 @@ from matplotlib.figure import Figure
 from transformers import ViTForImageClassification
 from transformers.utils.logging import disable_progress_bar
 
-from vit_hf.data import DATA_DEFAULTS, DeviceTransform, load_splits, make_loader
+from vit_hf.data import DeviceTransform, load_splits, make_loader
 from vit_hf.errors import UserError, cli_entry
 from vit_hf.evaluation import evaluate_split, gloo_on_cpu
-from vit_hf.recipe import load_recipe
+from vit_hf.export import check_model_dir, load_model_dir
+from vit_hf.files import atomic_file, write_json
+from vit_hf.recipe import SPLIT_FIELDS, load_recipe, section_defaults
 
-RECIPE_SPLITS = {"train": "train_split", "eval": "eval_split", "test": "test_split"}
 ANNOTATE_UP_TO = 20  # classes; beyond this the cells are too small to print in
 
 
@@ -33,17 +33,17 @@ def data_section(args: argparse.Namespace, recipe: dict | None) -> tuple[dict, s
 
     With a recipe, --split train, eval or test name the recipe's splits; any other value is a split expression.
     """
-    data = dict(recipe["data"]) if recipe else dict(DATA_DEFAULTS)
+    data = dict(recipe["data"]) if recipe else section_defaults("data")
     if args.dataset is not None:
         data["dataset"] = parse_dataset(args.dataset)
     for key in ("image_column", "label_column"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     split = args.split or (data["test_split"] if recipe else "test")
-    if recipe and split in RECIPE_SPLITS:
-        split = recipe["data"][RECIPE_SPLITS[split]]
+    if recipe and split in SPLIT_FIELDS:
+        split = recipe["data"][SPLIT_FIELDS[split]]
         if split is None:
-            raise UserError(f"--split {args.split}: the recipe's data.{RECIPE_SPLITS[args.split]} is null")
+            raise UserError(f"--split {args.split}: the recipe's data.{SPLIT_FIELDS[args.split]} is null")
     return data, split
 
 
@@ -55,18 +55,6 @@ def parse_dataset(value: str) -> str | dict:
         return json.loads(value)
     except json.JSONDecodeError as error:
         raise UserError(f"--dataset: not a valid JSON object ({error})") from None
-
-
-def load_model(model_dir: Path) -> ViTForImageClassification:
-    """The classifier saved in MODEL_DIR (a `save_pretrained` folder)."""
-    if not model_dir.is_dir():
-        raise UserError(f"{model_dir}: no such model folder")
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: not a model folder (no config.json)")
-    try:
-        return ViTForImageClassification.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{model_dir}: cannot be loaded ({' '.join(str(error).split())})") from None
 
 
 def check_classes(model: ViTForImageClassification, model_dir: Path, class_names: list[str], dataset: str) -> None:
@@ -144,16 +132,12 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], title: str) ->
 
 def write_outputs(report: dict, confusion: np.ndarray, out: Path) -> tuple[Path, Path]:
     """validate.json and confusion_matrix.png in OUT, each written under a temporary name and then renamed."""
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / "validate.json", out / "confusion_matrix.png"
-    staging = json_path.with_name(f".{json_path.name}.tmp")
-    staging.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(staging, json_path)
+    json_path = write_json(out / "validate.json", report)
     title = f"{Path(report['model']).name} on {report['split']}: accuracy {report['accuracy']:.4f}"
     fig = plot_confusion(confusion, list(report["per_class"]), title)
-    staging = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(staging, format="png", dpi=120)
-    os.replace(staging, png_path)
+    png_path = out / "confusion_matrix.png"
+    with atomic_file(png_path) as staging:
+        fig.savefig(staging, format="png", dpi=120)
     return json_path, png_path
 
 
@@ -170,7 +154,7 @@ def validate(
             splits = load_splits({**data, "train_split": None, "eval_split": None, "test_split": split})
         except UserError as error:
             raise UserError(str(error).replace("test_split", "split", 1)) from None
-        model = load_model(model_dir)
+        model = load_model_dir(model_dir)
     check_classes(model, model_dir, splits.class_names, splits.name)
     image_size = model.config.image_size
     loader = make_loader(
@@ -222,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     disable_progress_bar()
     if args.set and not args.recipe:
         raise UserError("--set overrides fields of a recipe: give --recipe too")
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: not a model folder (no config.json)")
+    model_dir = check_model_dir(args.model_dir)
     recipe = load_recipe(args.recipe, args.set) if args.recipe else None
     data, split = data_section(args, recipe)
     batch_size = (

@@ -1,0 +1,102 @@
+"""Atomic writes: every file and folder the package writes goes through here.
+
+A file or folder is written beside its destination under a temporary name, flushed to disk, and renamed over it only
+when complete, so a crash, a kill or a full disk leaves the earlier version (or nothing), never half of one.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's entry to disk (a rename is durable only once its folder is flushed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fsync_path(Path(folder) / name)
+        fsync_path(folder)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside PATH (same suffix, so writers that infer the format still work) that replaces
+    PATH only if the block completes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    staging = Path(name)
+    try:
+        yield staging
+        fsync_path(staging)
+        os.replace(staging, path)
+        fsync_path(path.parent)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write TEXT to PATH atomically."""
+    with atomic_file(path) as staging:
+        staging.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, value: object) -> Path:
+    """Write VALUE as indented JSON to PATH atomically."""
+    return write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside OUT_DIR that replaces OUT_DIR only if the block completes.
+
+    A failure or a kill leaves OUT_DIR as it was (a stale `.tmp-*` sibling at worst), never half-written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(retired / out_dir.name)
+            staging.rename(out_dir)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(out_dir)
+        fsync_path(out_dir.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+@contextlib.contextmanager
+def atomic_files_into(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder inside OUT_DIR whose files replace their namesakes in OUT_DIR, each atomically,
+    when the block completes (OUT_DIR keeps its other files: a run's folder also holds runs/ and checkpoints/)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".files.tmp-", dir=out_dir))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        for path in staging.iterdir():
+            os.replace(path, out_dir / path.name)
+        fsync_path(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
