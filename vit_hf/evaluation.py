@@ -57,27 +57,30 @@ def evaluate_split(
             local["top_k"].append(logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices)
             local["loss"].append(F.cross_entropy(logits, batch["labels"], reduction="none"))
     model.train(was_training)
-    device = accelerator.device
-    stacked = {
-        key: torch.cat(values).to(device) if values else torch.empty(0, dtype=torch.long, device=device)
-        for key, values in local.items()
-    }
-    if not local["top_k"]:
-        stacked["top_k"] = stacked["top_k"].view(0, 1)
-        stacked["loss"] = stacked["loss"].float()
-    # Processes may hold different counts (a skipped image, an uneven split): pad, gather, then drop pads.
-    gathered = {
-        key: accelerator.gather(accelerator.pad_across_processes(value, dim=0, pad_index=-1)).cpu()
-        for key, value in stacked.items()
-    }
-    index = gathered["index"].numpy()
-    valid = index >= 0
-    unique, first = np.unique(index[valid], return_index=True)
-    take = np.flatnonzero(valid)[first]
-    result = {key: value.numpy()[take] for key, value in gathered.items()}
+    # Accelerate's even_batches gives every process at least one batch, so no list is empty.
+    stacked = {key: torch.cat(values).to(accelerator.device) for key, values in local.items()}
+    result = gather_rows(stacked, accelerator)
     result["predictions"] = result["top_k"][:, 0]
     metric = Accuracy()
     result["accuracy"] = metric.compute(predictions=result["predictions"], references=result["labels"])["accuracy"]
     result["loss_mean"] = float(result["loss"].mean())
-    result["samples"] = len(unique)
+    result["samples"] = len(result["index"])
     return result
+
+
+def gather_rows(local: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, np.ndarray]:
+    """This process's rows (tensors of one length on the device, row numbers in `index`) and every other
+    process's, as numpy arrays sorted by row, each row once, on every process.
+
+    Processes may hold different counts (a skipped image, an uneven split): pad, gather, then drop the pads and
+    the samples Accelerate repeated to even out the last batches.
+    """
+    gathered = {
+        key: accelerator.gather(accelerator.pad_across_processes(value, dim=0, pad_index=-1)).cpu()
+        for key, value in local.items()
+    }
+    index = gathered["index"].numpy()
+    valid = index >= 0
+    _, first = np.unique(index[valid], return_index=True)
+    take = np.flatnonzero(valid)[first]
+    return {key: value.numpy()[take] for key, value in gathered.items()}

@@ -46,6 +46,7 @@ from vit_hf.model import build_model
 from vit_hf.optim import make_optimizer, make_schedule
 from vit_hf.recipe import accumulation_steps, load_recipe
 from vit_hf.run_log import RunLog, UpdateWindow
+from vit_hf.stochastic_depth import add_stochastic_depth
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class FineTune:
         with accelerator.local_main_process_first():  # downloads land in a cache local to each machine
             self.splits = load_splits(recipe["data"])
             model = build_model(recipe["model"], self.splits.class_names)
+        if recipe["model"]["drop_path"]:
+            add_stochastic_depth(model, recipe["model"]["drop_path"])
         if self.cfg["gradient_checkpointing"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         train_loader, self.eval_loaders = self._make_loaders()

@@ -30,6 +30,8 @@ def _f(types, default, choices=None, positive=False) -> Field:
 
 
 NONE = type(None)
+# The splits of a run and the field of the recipe's data section that names each.
+SPLIT_FIELDS = {"train": "train_split", "eval": "eval_split", "test": "test_split"}
 NUMBER = (int, float)
 
 AUGMENT = {
@@ -51,13 +53,18 @@ SCHEMA: dict[str, Any] = {
         "pretrained": _f((str, NONE), "ViT-B_16"),
         "image_size": _f(int, 224, positive=True),
         "dropout": _f(NUMBER, 0.0),
+        # Stochastic depth: the rate of the last block, rising linearly from 0 at the first (vit_hf.stochastic_depth).
+        "drop_path": _f(NUMBER, 0.0),
         "config": _f(dict, {}),
     },
     "data": {
         "dataset": _f((str, dict), "cifar10"),
         "train_split": _f((str, NONE), "train[:98%]"),
+        # The official code selects models on a minival split carved from train; the test split is only reported.
         "eval_split": _f((str, NONE), "train[98%:]"),
         "test_split": _f((str, NONE), "test"),
+        # K rows of each class, drawn with train.seed, instead of the whole train split (BiT's low-data fine-tuning).
+        "examples_per_class": _f((int, NONE), None, positive=True),
         "image_column": _f((str, NONE), None),
         "label_column": _f((str, NONE), None),
         "augment": (AUGMENT, NONE),
@@ -72,11 +79,15 @@ SCHEMA: dict[str, Any] = {
         "betas": _f(list, [0.9, 0.999]),
         "weight_decay": _f(NUMBER, 0.0),
         "max_grad_norm": _f((*NUMBER, NONE), 1.0),
+        # SGD's momentum buffers; vit_jax keeps them in bfloat16 (config.optim_dtype), half the memory of float32.
+        "momentum_dtype": _f(str, "float32", choices=("float32", "bfloat16")),
     },
     "schedule": {
         "name": _f(str, "cosine", choices=("cosine", "linear")),
         "warmup_steps": _f(int, 500),
         "total_steps": _f(int, 10000, positive=True),
+        # The learning rate the linear decay ends at (absolute, as vit_jax's); the cosine decay ends at 0.
+        "linear_end": _f(NUMBER, 1e-5),
     },
     "train": {
         "global_batch_size": _f(int, 512, positive=True),
@@ -90,6 +101,9 @@ SCHEMA: dict[str, Any] = {
         "mixed_precision": _f(str, "bf16", choices=("no", "fp16", "bf16")),
         "label_smoothing": _f(NUMBER, 0.0),
         "compile": _f(bool, False),
+        "gradient_checkpointing": _f(bool, False),
+        # Accelerate's trackers (tensorboard, wandb, mlflow, aim, comet_ml, trackio, ...); [] logs to the jsonl only.
+        "report_to": _f(list, ["tensorboard"]),
     },
     "output": {"dir": _f(str, "outputs/run")},
     "hub": {
@@ -134,6 +148,11 @@ def _resolve(value: Any, schema: Any, path: str) -> Any:
     return copy.deepcopy(value)
 
 
+def section_defaults(section: str) -> dict:
+    """The default values of one section of the recipe (e.g. `data`), as a complete recipe would have them."""
+    return _default(SCHEMA[section])
+
+
 def _default(schema: Any) -> Any:
     if isinstance(schema, tuple):
         return {key: _default(sub) for key, sub in schema[0].items()}
@@ -151,6 +170,8 @@ def _check_combinations(recipe: dict) -> None:
         )
     if not 0 <= schedule["warmup_steps"] < schedule["total_steps"]:
         raise UserError(f"schedule.warmup_steps: must be in [0, total_steps), got {schedule['warmup_steps']}")
+    if schedule["linear_end"] < 0:
+        raise UserError(f"schedule.linear_end: must be 0 or more, got {schedule['linear_end']}")
     if data["train_split"] is None:
         raise UserError("data.train_split: a training run needs a training split")
     if data["num_workers"] < 0:
@@ -161,8 +182,13 @@ def _check_combinations(recipe: dict) -> None:
         raise UserError(f"optim.max_grad_norm: must be positive or null, got {optim['max_grad_norm']}")
     if len(optim["betas"]) != 2 or not all(0 <= b < 1 for b in optim["betas"]):
         raise UserError(f"optim.betas: expected two numbers in [0, 1), got {optim['betas']}")
+    if optim["momentum_dtype"] != "float32" and optim["name"] != "sgd":
+        raise UserError(f"optim.momentum_dtype: bfloat16 is for SGD only, optim.name is {optim['name']}")
     if not 0 <= train["label_smoothing"] < 1:
         raise UserError(f"train.label_smoothing: must be in [0, 1), got {train['label_smoothing']}")
+    if not 0 <= recipe["model"]["drop_path"] < 1:
+        raise UserError(f"model.drop_path: must be in [0, 1), got {recipe['model']['drop_path']}")
+    _check_trackers(train["report_to"])
     augment = data["augment"]
     if augment is not None:
         scale = augment["crop_scale"]
@@ -186,6 +212,15 @@ def _check_combinations(recipe: dict) -> None:
     patch = recipe["model"]["config"].get("patch_size")
     if recipe["model"]["pretrained"] is None and patch and recipe["model"]["image_size"] % patch:
         raise UserError(f"model.image_size: {recipe['model']['image_size']} is not divisible by the patch {patch}")
+
+
+def _check_trackers(report_to: list) -> None:
+    from accelerate.utils import LoggerType
+
+    known = [kind.value for kind in LoggerType if kind.value != "all"]
+    for name in report_to:
+        if name not in known:
+            raise UserError(f"train.report_to: {json.dumps(name)} is not a tracker Accelerate has ({', '.join(known)})")
 
 
 def apply_override(recipe: dict, assignment: str) -> None:
