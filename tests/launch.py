@@ -11,8 +11,11 @@ def offline_env() -> dict:
     return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS`, or `accelerate launch --multi_gpu` with PROCESSES gloo processes on the CPU."""
+def run_module(
+    module: str, args: list[str], processes: int = 1, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS`, or `accelerate launch --multi_gpu` with PROCESSES gloo processes on the CPU; ENV adds
+    to the offline environment."""
     if processes == 1:
         command = [sys.executable, "-m", module]
     else:
@@ -22,4 +25,6 @@ def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(port), "-m", module]  # fmt: skip
-    return subprocess.run([*command, *args], capture_output=True, text=True, env=offline_env(), timeout=timeout)
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, env=offline_env() | (env or {}), timeout=timeout
+    )

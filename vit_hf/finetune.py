@@ -15,6 +15,7 @@ and `finish` exports the best model, scores the test split and writes the card.
 """
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from vit_hf.export import MODEL_FILES, load_model_dir, save_model_dir
 from vit_hf.files import atomic_files_into, write_json
 from vit_hf.hub import push_to_hub, write_model_card
 from vit_hf.inputs import TrainInputs
+from vit_hf.memory import find_micro_batch
 from vit_hf.model import build_model
 from vit_hf.optim import make_optimizer, make_schedule
 from vit_hf.recipe import accumulation_steps, load_recipe
@@ -73,7 +75,8 @@ class FineTune:
 
     def __init__(self, recipe: dict, resume: str | None = None) -> None:
         self.started = time.perf_counter()
-        self.recipe, self.cfg = recipe, recipe["train"]
+        self.recipe = recipe = copy.deepcopy(recipe)  # "auto" fields are filled in below
+        self.cfg = recipe["train"]
         self.out = Path(recipe["output"]["dir"])
         self.accelerator = accelerator = self._make_accelerator()
         resume_path = resolve_resume(self.out / "checkpoints", resume)
@@ -81,6 +84,9 @@ class FineTune:
         with accelerator.local_main_process_first():  # downloads land in a cache local to each machine
             self.splits = load_splits(recipe["data"])
             model = build_model(recipe["model"], self.splits.class_names)
+        self.auto_micro_batch = self.cfg["micro_batch_size"] == "auto"
+        if self.auto_micro_batch:
+            self._choose_micro_batch(model, resume_path)
         if recipe["model"]["drop_path"]:
             add_stochastic_depth(model, recipe["model"]["drop_path"])
         if self.cfg["gradient_checkpointing"]:
@@ -113,9 +119,24 @@ class FineTune:
         self.window = UpdateWindow(accelerator.device)
         self.max_norm = recipe["optim"]["max_grad_norm"] or math.inf
 
+    def _choose_micro_batch(self, model: torch.nn.Module, resume_path: Path | None) -> None:
+        """`train.micro_batch_size: "auto"`: the first run's choice (in its recipe.json) on resume, else the largest
+        that fits now; the accumulation follows, so the global batch is unchanged."""
+        saved = self.out / "recipe.json"
+        if resume_path is not None and saved.is_file():
+            micro = json.loads(saved.read_text())["train"]["micro_batch_size"]
+        else:
+            micro = find_micro_batch(model, self.recipe, self.accelerator)
+        self.cfg["micro_batch_size"] = micro
+        self.accumulation = accumulation_steps(self.recipe, self.accelerator.num_processes)
+        self.accelerator.gradient_accumulation_steps = self.accumulation
+        self.accelerator.print(f"micro-batch {micro} x {self.accumulation} accumulation steps (auto)")
+
     def _make_accelerator(self) -> Accelerator:
         cpu_processes = gloo_on_cpu()
-        self.accumulation = accumulation_steps(self.recipe, PartialState(cpu=cpu_processes).num_processes)
+        processes = PartialState(cpu=cpu_processes).num_processes
+        # With "auto", the accumulation is set once the micro-batch is found (`_choose_micro_batch`).
+        self.accumulation = 1 if self.cfg["micro_batch_size"] == "auto" else accumulation_steps(self.recipe, processes)
         return Accelerator(
             cpu=cpu_processes,
             mixed_precision=self.cfg["mixed_precision"],
@@ -319,6 +340,7 @@ class FineTune:
             "skipped_images": progress.skipped_images,
             "num_processes": self.accelerator.num_processes,
             "micro_batch_size": cfg["micro_batch_size"],
+            "micro_batch_size_auto": self.auto_micro_batch,
             "accumulation_steps": self.accumulation,
             "hardware": _hardware(self.accelerator),
             "mixed_precision": cfg["mixed_precision"],

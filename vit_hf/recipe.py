@@ -91,7 +91,8 @@ SCHEMA: dict[str, Any] = {
     },
     "train": {
         "global_batch_size": _f(int, 512, positive=True),
-        "micro_batch_size": _f(int, 64, positive=True),
+        # "auto": the largest that fits on the device (vit_hf.memory), chosen once and kept on resume.
+        "micro_batch_size": _f((int, str), 64),
         "eval_batch_size": _f(int, 128, positive=True),
         "eval_every": _f(int, 100, positive=True),
         "save_every": _f(int, 1000, positive=True),
@@ -163,7 +164,10 @@ def _default(schema: Any) -> Any:
 
 def _check_combinations(recipe: dict) -> None:
     train, schedule, data, optim = recipe["train"], recipe["schedule"], recipe["data"], recipe["optim"]
-    if train["global_batch_size"] % train["micro_batch_size"]:
+    micro = train["micro_batch_size"]
+    if isinstance(micro, str) and micro != "auto" or isinstance(micro, int) and micro <= 0:
+        raise UserError(f'train.micro_batch_size: expected a positive integer or "auto", got {json.dumps(micro)}')
+    if micro != "auto" and train["global_batch_size"] % micro:
         raise UserError(
             f"train.global_batch_size: {train['global_batch_size']} is not a multiple of "
             f"train.micro_batch_size {train['micro_batch_size']}"
