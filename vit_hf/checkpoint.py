@@ -26,6 +26,7 @@ class Progress:
         self.batches_in_epoch = 0  # micro-batches of this process consumed in the current epoch
         self.best_accuracy = -1.0
         self.best_step = 0
+        self.best_weights = "raw"  # or "ema": which weights the best model is
         self.skipped_updates = 0  # fp16 steps the gradient scaler skipped
         self.skipped_images = 0
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from vit_hf.checkpoint import Checkpointer, Progress, latest_checkpoint, resolve_resume
 from vit_hf.data import DeviceTransform, load_splits, make_loader
+from vit_hf.ema import WeightAverage
 from vit_hf.errors import RunError, UserError, cli_entry
 from vit_hf.evaluation import evaluate_split, gloo_on_cpu
 from vit_hf.export import MODEL_FILES, load_model_dir, save_model_dir
@@ -101,6 +102,10 @@ class FineTune:
         self.eval_transform = DeviceTransform(recipe["model"]["image_size"], train=False)
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.progress)
+        self.ema = None
+        if self.cfg["ema_decay"] is not None:
+            self.ema = WeightAverage(accelerator.unwrap_model(self.model), self.cfg["ema_decay"])
+            accelerator.register_for_checkpointing(self.ema)
         # The augmentations' own generator on the device, one stream per process, saved in every checkpoint.
         seed = self.cfg["seed"] * 1_000_003 + accelerator.process_index
         generator = torch.Generator(accelerator.device).manual_seed(seed)
@@ -228,6 +233,8 @@ class FineTune:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             window.add_micro(loss.detach(), batch["skipped"])
+        if self.ema is not None:
+            self.ema.update(accelerator.unwrap_model(model))
         if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
             self.progress.skipped_updates += 1
         window.end_update(self.scheduler.get_last_lr()[0])
@@ -263,26 +270,37 @@ class FineTune:
             self.accelerator.print(f"stopped at step {step}; checkpoint saved; continue with --resume auto")
             raise SystemExit(128 + (self.stop.signal or signal.SIGTERM))
 
-    def evaluate(self, name: str, model: torch.nn.Module) -> dict:
+    def evaluate(self, split: str, model: torch.nn.Module, log_as: str | None = None) -> dict:
+        """MODEL on the eval or test split, logged under LOG_AS (default: the split's name)."""
         with self.accelerator.autocast():
-            result = evaluate_split(model, self.eval_loaders[name], self.eval_transform, self.accelerator)
-        self.log.eval(name, self.progress.step, result["accuracy"], result["loss_mean"])
+            result = evaluate_split(model, self.eval_loaders[split], self.eval_transform, self.accelerator)
+        self.log.eval(log_as or split, self.progress.step, result["accuracy"], result["loss_mean"])
         return result
 
     def evaluate_and_keep_best(self) -> None:
-        """Minival; a new best model goes to checkpoints/best (a collective under FSDP: every process takes part)."""
-        result = self.evaluate("eval", self.model)
+        """Minival of the weights (and of their average, with EMA); a new best goes to checkpoints/best."""
+        accuracy = {"raw": self.evaluate("eval", self.model)["accuracy"]}
+        if self.ema is not None:
+            accuracy["ema"] = self.evaluate("eval", self.ema.model, log_as="eval_ema")["accuracy"]
+        weights = max(accuracy, key=accuracy.get)  # the raw weights on a tie: the first key
         progress = self.progress
-        if result["accuracy"] > progress.best_accuracy:
-            progress.best_accuracy, progress.best_step = result["accuracy"], progress.step
-            self._save_model(self.checkpointer.dir / "best")
-        self.bar.set_postfix(eval_acc=f"{result['accuracy']:.4f}", refresh=False)
+        if accuracy[weights] > progress.best_accuracy:
+            progress.best_accuracy, progress.best_step, progress.best_weights = (
+                accuracy[weights],
+                progress.step,
+                weights,
+            )
+            self._save_model(self.checkpointer.dir / "best", ema=weights == "ema")
+        self.bar.set_postfix(eval_acc=f"{accuracy['raw']:.4f}", refresh=False)
 
-    def _save_model(self, folder: Path) -> None:
-        state = self.accelerator.get_state_dict(self.model)
-        if self.accelerator.is_main_process:
-            save_model_dir(self.accelerator.unwrap_model(self.model), folder, state_dict=state)
-        self.accelerator.wait_for_everyone()
+    def _save_model(self, folder: Path, ema: bool = False) -> None:
+        """The training weights (gathered: a collective under FSDP, every process takes part), or their average."""
+        accelerator = self.accelerator
+        state = None if ema else accelerator.get_state_dict(self.model)
+        if accelerator.is_main_process:
+            model = self.ema.model if ema else accelerator.unwrap_model(self.model)
+            save_model_dir(model, folder, state_dict=state)
+        accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> None:
         self.checkpointer.save(self.progress.step)
@@ -303,7 +321,8 @@ class FineTune:
         model = load_model_dir(best).to(accelerator.device)
         results = self._results()
         for name in self.eval_loaders:
-            result = self.evaluate(name, model)
+            # The exported model's minival score is logged apart: the minival curve stays that of the training weights.
+            result = self.evaluate(name, model, log_as="eval_exported" if name == "eval" else name)
             results |= {f"{name}_{key}": result[key] for key in ("accuracy", "samples")}
             results[f"{name}_loss"] = result["loss_mean"]
         if accelerator.is_main_process:
@@ -330,6 +349,7 @@ class FineTune:
         return {
             "step": progress.step,
             "best_step": progress.best_step if has_eval else progress.step,
+            "exported_weights": "ema average" if has_eval and progress.best_weights == "ema" else "trained",
             **{f"{split}_{key}": None for split in ("eval", "test") for key in ("accuracy", "loss")},
             "eval_samples": 0,
             "test_samples": 0,

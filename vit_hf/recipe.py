@@ -103,6 +103,8 @@ SCHEMA: dict[str, Any] = {
         "label_smoothing": _f(NUMBER, 0.0),
         "compile": _f(bool, False),
         "gradient_checkpointing": _f(bool, False),
+        # An exponential moving average of the weights (vit_hf.ema), evaluated beside them; null: none.
+        "ema_decay": _f((*NUMBER, NONE), None),
         # Accelerate's trackers (tensorboard, wandb, mlflow, aim, comet_ml, trackio, ...); [] logs to the jsonl only.
         "report_to": _f(list, ["tensorboard"]),
     },
@@ -193,6 +195,8 @@ def _check_combinations(recipe: dict) -> None:
     if not 0 <= recipe["model"]["drop_path"] < 1:
         raise UserError(f"model.drop_path: must be in [0, 1), got {recipe['model']['drop_path']}")
     _check_trackers(train["report_to"])
+    if train["ema_decay"] is not None and not 0 < train["ema_decay"] < 1:
+        raise UserError(f"train.ema_decay: must be in (0, 1) or null, got {train['ema_decay']}")
     augment = data["augment"]
     if augment is not None:
         scale = augment["crop_scale"]
