@@ -1,5 +1,6 @@
-"""Batched augmentations: each op against Pillow or a hand-computed result, and the random policies'
-contracts (shapes, ranges, per-sample choices, seeds, soft targets)."""
+"""Batched augmentations: each op against Pillow or a hand-computed result, the random policies'
+contracts (shapes, ranges, per-sample choices, seeds, soft targets), their statistics against scipy and
+timm's formulas, and that none of them reads a tensor back to the host."""
 
 import io
 
@@ -8,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+from scipy import stats
+from torch.profiler import ProfilerActivity, profile
 
 from vit_hf.augment import (
     FILL,
@@ -18,6 +21,7 @@ from vit_hf.augment import (
     mixup_cutmix,
     rand_augment,
     random_erasing,
+    sample_beta,
     save_preview_grid,
     smooth_one_hot,
     trivial_augment,
@@ -239,6 +243,69 @@ def test_rand_augment_with_no_ops_is_identity(cifar):
     assert torch.equal(rand_augment(cifar, num_ops=0, generator=seeded(0)), cifar)
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["rand_augment", "trivial_augment_wide"])
+def test_draw_ops_picks_ops_uniformly_and_signs_evenly(wide):
+    ops, magnitudes = draw_ops(torch.full((7000,), 12.0), 32, 32, wide, generator=seeded(5))
+    counts = torch.bincount(ops, minlength=len(OP_NAMES)).numpy()
+    assert stats.chisquare(counts).pvalue > 1e-3
+    signed = [OP_NAMES.index(name) for name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")]
+    signed_magnitudes = magnitudes[torch.isin(ops, torch.tensor(signed))]
+    negatives = int((signed_magnitudes < 0).sum())
+    assert stats.binomtest(negatives, len(signed_magnitudes), 0.5).pvalue > 1e-3
+
+
+def candidate_outputs(
+    image: torch.Tensor, bins: list[int], wide: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every output a one-op policy can give for `image` (1, 3, H, W): each op at each of `bins`, with both
+    signs where torchvision's table gives it one. Returns the outputs (K, 3 * H * W), their probabilities
+    (op uniform, bin uniform over `bins`, fair sign) and their op indices (K,). Magnitudes are
+    first + (last - first) * bin / 30 in float64, the line torchvision's linspace draws."""
+    table = torchvision_table(*image.shape[-2:], wide)
+    outputs, priors, op_indices = [], [], []
+    for index, name in enumerate(OP_NAMES):
+        values, signed = table[name]
+        first, last = values[0].item(), values[-1].item()
+        sizes = torch.tensor([first + (last - first) * b / 30 for b in bins], dtype=torch.float64)
+        magnitudes = torch.cat([sizes, -sizes]) if signed else sizes
+        outputs.append(OPS[name](image.expand(len(magnitudes), -1, -1, -1), magnitudes.float()).flatten(1))
+        priors.append(torch.full((len(magnitudes),), 1 / (len(OP_NAMES) * len(magnitudes)), dtype=torch.float64))
+        op_indices.append(torch.full((len(magnitudes),), index))
+    return torch.cat(outputs), torch.cat(priors), torch.cat(op_indices)
+
+
+def op_sets(outputs: torch.Tensor, candidates: torch.Tensor, op_indices: torch.Tensor) -> torch.Tensor:
+    """For each output (N, D), the set of ops, as a bit mask, whose candidate outputs it equals (up to float
+    rounding): a single op where the output tells which op it was, several where ops coincide (e.g. at bin 0)."""
+    matches = torch.cdist(outputs.double(), candidates.double()) < 1e-3
+    is_op = op_indices[:, None] == torch.arange(len(OP_NAMES))
+    matched_ops = (matches.double() @ is_op.double()) > 0
+    return (matched_ops.long() * 2 ** torch.arange(len(OP_NAMES))).sum(dim=1)
+
+
+POLICY_BINS = {
+    "rand_augment": (lambda images, generator: rand_augment(images, 1, 9, generator=generator), [9], False),
+    "trivial_augment": (trivial_augment, list(range(31)), True),
+}
+
+
+@pytest.mark.parametrize("policy", POLICY_BINS)
+def test_policy_applies_one_op_per_sample_with_uniform_frequencies(policy):
+    # A noise image that every op changes in its own way; values inside (0, 1) so that AutoContrast acts.
+    image = 0.1 + 0.8 * torch.rand(1, 3, 16, 16, generator=seeded(7))
+    augment, bins, wide = POLICY_BINS[policy]
+    candidates, priors, op_indices = candidate_outputs(image, bins, wide)
+    outputs = augment(image.expand(2000, -1, -1, -1), generator=seeded(8)).flatten(1)
+    observed = op_sets(outputs, candidates, op_indices)
+    assert torch.all(observed > 0), "every output is one of the ops at one of the bins"
+    # The chance of each set of ops: the summed probability of the candidates that give such an output.
+    expected_sets, expected_index = op_sets(candidates, candidates, op_indices).unique(return_inverse=True)
+    expected = torch.zeros(len(expected_sets), dtype=torch.float64).index_add_(0, expected_index, priors)
+    assert set(observed.tolist()) <= set(expected_sets.tolist())
+    counts = (observed[:, None] == expected_sets).sum(dim=0)
+    assert stats.chisquare(counts.numpy(), expected.numpy() * len(outputs)).pvalue > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Random erasing
 # ---------------------------------------------------------------------------------------------------------
@@ -279,9 +346,31 @@ def test_random_erasing_leaves_a_sample_whose_box_cannot_fit():
     assert torch.equal(random_erasing(images, 1.0, seeded(0), scale=(1.0, 1.0), ratio=(1.0, 1.0)), images)
 
 
-def test_random_erasing_rate_matches_probability():
-    out = random_erasing(torch.zeros(4000, 3, 16, 16), probability=0.25, generator=seeded(0))
-    assert 0.22 <= (out != 0).any(dim=(1, 2, 3)).float().mean() <= 0.28
+@pytest.mark.parametrize("probability", [0.25, 0.7])
+def test_random_erasing_rate_matches_probability(probability):
+    # On 16x16 images one of the 10 boxes fits all but always, so the rate is the probability asked for.
+    out = random_erasing(torch.zeros(3000, 3, 16, 16), probability=probability, generator=seeded(0))
+    erased = int((out != 0).any(dim=(1, 2, 3)).sum())
+    assert stats.binomtest(erased, len(out), probability).pvalue > 1e-3
+
+
+def test_random_erasing_box_area_and_aspect_are_in_timms_ranges():
+    # timm rounds sqrt(area * aspect) and sqrt(area / aspect) to a box of h x w pixels: the area and aspect that
+    # round to it lie in [(h - 1/2)(w - 1/2), (h + 1/2)(w + 1/2)] and [(h - 1/2)/(w + 1/2), (h + 1/2)/(w - 1/2)],
+    # which must meet the ranges drawn from: area fraction in [0.02, 1/3], aspect (height / width) in [0.3, 3.3].
+    size = 32
+    boxes = (random_erasing(torch.zeros(500, 3, size, size), 1.0, seeded(3)) != 0)[:, 0]
+    assert bool(boxes.any(dim=(1, 2)).all())
+    heights = boxes.any(dim=2).sum(dim=1).double()
+    widths = boxes.any(dim=1).sum(dim=1).double()
+    assert torch.equal(boxes.sum(dim=(1, 2)).double(), heights * widths), "one filled rectangle each"
+    assert torch.all((heights + 0.5) * (widths + 0.5) / size**2 >= 0.02)
+    assert torch.all((heights - 0.5) * (widths - 0.5) / size**2 <= 1 / 3)
+    assert torch.all((heights + 0.5) / (widths - 0.5) >= 0.3)
+    assert torch.all((heights - 0.5) / (widths + 0.5) <= 3.3)
+    # The areas spread over the range rather than sitting at one size.
+    fractions = heights * widths / size**2
+    assert fractions.min() < 0.05 and fractions.max() > 0.28
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,49 +407,138 @@ def test_cutmix_lam_equals_the_unpasted_area_fraction(seed):
     from_self = (mixed == images).all(dim=1)
     from_partner = (mixed == images.flip(0)).all(dim=1)
     assert torch.all(from_self ^ from_partner), "every pixel comes from exactly one of the pair"
+    pasted = from_partner[0]
+    rows, columns = pasted.any(dim=1), pasted.any(dim=0)
+    assert torch.equal(pasted, rows[:, None] & columns), "the pasted region is one box, the same in every image"
+    assert torch.equal(from_partner, pasted.expand_as(from_partner))
     lam = targets[torch.arange(len(labels)), labels]
-    torch.testing.assert_close(lam, from_self.float().mean(dim=(1, 2)))
+    torch.testing.assert_close(lam, 1 - rows.sum() * columns.sum() / pasted.numel() * torch.ones(len(labels)))
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(len(labels)))
 
 
-def test_mixed_targets_are_the_blend_of_smoothed_one_hots():
+def timm_cutmix_lams(lams: np.ndarray, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """timm's rand_bbox and lam correction, written out: a box of int(side * sqrt(1 - lam)) pixels a side
+    centred on a uniform pixel, clipped to the image; lam becomes the share of the image outside it."""
+    cut_heights = (height * np.sqrt(1 - lams)).astype(int)
+    cut_widths = (width * np.sqrt(1 - lams)).astype(int)
+    centres_y, centres_x = rng.integers(height, size=len(lams)), rng.integers(width, size=len(lams))
+    tops, bottoms = (np.clip(centres_y + sign * (cut_heights // 2), 0, height) for sign in (-1, 1))
+    lefts, rights = (np.clip(centres_x + sign * (cut_widths // 2), 0, width) for sign in (-1, 1))
+    return 1 - (bottoms - tops) * (rights - lefts) / (height * width)
+
+
+def first_lam(targets: torch.Tensor, labels: torch.Tensor) -> float:
+    """lam from soft targets made without label smoothing: the weight on the first sample's own label."""
+    return targets[0, labels[0]].item()
+
+
+def test_mixup_lam_follows_beta_alpha_alpha():
+    images, labels = distinct_batch(2)
+    generator = seeded(11)
+    lams = [
+        first_lam(mixup_cutmix(images, labels, 4, mixup_alpha=0.4, cutmix_alpha=0.0, generator=generator)[1], labels)
+        for _ in range(600)
+    ]
+    assert stats.kstest(lams, stats.beta(0.4, 0.4).cdf).pvalue > 1e-3
+
+
+def test_cutmix_lam_follows_timms_clipped_box_area():
+    images, labels = distinct_batch(2)
+    generator = seeded(12)
+    lams = [
+        first_lam(mixup_cutmix(images, labels, 4, mixup_alpha=0.0, cutmix_alpha=1.0, generator=generator)[1], labels)
+        for _ in range(600)
+    ]
+    rng = np.random.default_rng(0)
+    reference = timm_cutmix_lams(rng.beta(1.0, 1.0, size=20000), 16, 16, rng)
+    assert stats.ks_2samp(lams, reference).pvalue > 1e-3
+
+
+def test_prob_and_switch_prob_set_how_often_each_method_runs():
+    # 64x64 images: a CutMix box of no pixels (lam above 1 - (2 / 64)^2) is too rare to pass for no mixing.
+    images = torch.linspace(-1, 1, 2).view(2, 1, 1, 1).expand(2, 3, 64, 64).clone()
+    labels = torch.arange(2)
+    generator = seeded(13)
+    mixed_calls = cutmix_calls = 0
+    for _ in range(600):
+        mixed, targets = mixup_cutmix(images, labels, 4, prob=0.6, switch_prob=0.3, generator=generator)
+        if first_lam(targets, labels) < 1:
+            mixed_calls += 1
+            cutmix_calls += bool(((mixed == images) | (mixed == images.flip(0))).all())
+    assert stats.binomtest(mixed_calls, 600, 0.6).pvalue > 1e-3
+    assert stats.binomtest(cutmix_calls, mixed_calls, 0.3).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mixed_targets_sum_to_one(seed):
     images, labels = distinct_batch()
-    smoothing, classes = 0.1, 10
-    _, targets = mixup_cutmix(images, labels, classes, label_smoothing=smoothing, generator=seeded(0))
-    on, off = 1 - smoothing + smoothing / classes, smoothing / classes
-    lam = (targets[0, labels[0]].item() - off) / (on - off)
-    smoothed = torch.full((len(labels), classes), off)
-    smoothed[torch.arange(len(labels)), labels] = on
-    torch.testing.assert_close(targets, lam * smoothed + (1 - lam) * smoothed.flip(0))
+    _, targets = mixup_cutmix(images, labels, 10, label_smoothing=0.1, generator=seeded(seed))
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(len(labels)))
+    assert bool((targets > 0).all())
 
 
-@pytest.mark.parametrize("switch_prob, expect_cutmix", [(1.0, True), (0.0, False)])
-def test_switch_prob_chooses_between_cutmix_and_mixup(switch_prob, expect_cutmix):
-    images, labels = distinct_batch()
-    mixed, _ = mixup_cutmix(images, labels, 10, switch_prob=switch_prob, generator=seeded(0))
-    from_one_source = ((mixed == images) | (mixed == images.flip(0))).all()
-    assert bool(from_one_source) == expect_cutmix
+@pytest.mark.parametrize("alpha", [0.4, 0.8, 1.0, 2.5])
+def test_sample_beta_matches_scipy_beta(alpha):
+    samples = sample_beta(alpha, (20000,), generator=seeded(int(alpha * 10)))
+    assert samples.dtype == torch.float32 and samples.shape == (20000,)
+    assert bool(((samples >= 0) & (samples <= 1)).all())
+    assert stats.kstest(samples.double().numpy(), stats.beta(alpha, alpha).cdf).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("kwargs", [{"prob": 0.0}, {"mixup_alpha": 0.0, "cutmix_alpha": 0.0}])
-def test_no_mixing_returns_the_images_and_smoothed_one_hots(kwargs):
-    images, labels = distinct_batch()
-    mixed, targets = mixup_cutmix(images, labels, 10, label_smoothing=0.1, generator=seeded(0), **kwargs)
-    assert torch.equal(mixed, images)
-    torch.testing.assert_close(targets, smooth_one_hot(labels, 10, 0.1))
+@pytest.mark.parametrize("alpha", [0.1, 0.2])
+def test_sample_beta_with_small_alpha_matches_scipy_beta_on_each_half(alpha):
+    # For small alpha much of the mass lies within a float32 step (6e-8) of 1 (9% for alpha 0.1) and rounds to
+    # 1.0, which a KS test over [0, 1] would measure. Beta(alpha, alpha) is symmetric and float32 is fine-grained
+    # near 0: the lower half must follow scipy's Beta conditioned on it, and each half hold half the samples.
+    samples = sample_beta(alpha, (20000,), generator=seeded(int(alpha * 100))).double().numpy()
+    assert np.all((samples >= 0) & (samples <= 1))
+    lower = samples[samples < 0.5]
+    assert stats.binomtest(len(lower), len(samples), 0.5).pvalue > 1e-3
+    assert stats.kstest(lower, lambda x: 2 * stats.beta(alpha, alpha).cdf(x)).pvalue > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Seeds, devices, bad input, preview
+# Host syncs, seeds, devices, bad input, preview
 # ---------------------------------------------------------------------------------------------------------
 
+# Mixup/CutMix with its defaults: both methods on, so that every draw runs.
 AUGMENTATIONS = POLICIES | {
     "random_erasing": lambda images, generator: random_erasing(images * 2 - 1, 0.5, generator=generator),
     "mixup_cutmix": lambda images, generator: mixup_cutmix(
         images, torch.arange(len(images), device=images.device), 10, generator=generator
     )[0],
 }
+
+
+@pytest.mark.parametrize("augmentation", AUGMENTATIONS)
+def test_augmentation_reads_no_tensor_back_to_the_host(augmentation, cifar):
+    # `.item()`, `bool(tensor)` and `.tolist()` all run aten::_local_scalar_dense; on a GPU each drains the queue.
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        AUGMENTATIONS[augmentation](cifar, seeded(0))
+    assert [event.name for event in profiler.events() if event.name == "aten::_local_scalar_dense"] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("augmentation", AUGMENTATIONS)
+def test_augmentation_never_synchronises_the_gpu(augmentation, cifar):
+    # CUDA's sync debug mode also catches what the CPU profiler cannot: host-to-device copies of new tensors.
+    images = cifar.cuda()
+    generator = torch.Generator("cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        AUGMENTATIONS[augmentation](images, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("augmentation", AUGMENTATIONS)
+def test_augmentation_draws_only_from_its_generator(augmentation, cifar):
+    # The loop checkpoints the generator: no draw may come from torch's or NumPy's global generator.
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    AUGMENTATIONS[augmentation](cifar, seeded(0))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state)
 
 
 @pytest.mark.parametrize("augmentation", AUGMENTATIONS)

@@ -5,6 +5,10 @@ Every op works on a whole batch (B, 3, H, W) at once, draws its random choices p
 optional `torch.Generator` so that a seed fixes the result. RandAugment and TrivialAugmentWide take images
 in [0, 1] (before normalisation); random erasing and Mixup/CutMix take the normalised images.
 
+Nothing here reads a tensor back to the host or copies one to the device: each random choice is a tensor
+drawn from the generator and applied with masks (`torch.where`), so a GPU's queue never drains mid-update.
+Each op of a policy runs on the whole batch and every sample keeps the result of the op it drew.
+
 Magnitudes follow torchvision's RandAugment and TrivialAugmentWide (31 bins, random signs for the geometric
 and the enhancement ops); the colour ops match Pillow's ImageOps/ImageEnhance, which those tables were made for.
 """
@@ -13,7 +17,6 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -24,6 +27,9 @@ NUM_MAGNITUDE_BINS = 31
 FILL = 0.5
 # timm's RandomErasing tries this many boxes per sample before it gives up on one that does not fit.
 ERASING_ATTEMPTS = 10
+# Marsaglia-Tsang accepts a Gamma candidate with probability above 0.95 (shape >= 1): all of 16 are rejected
+# with probability below 1e-20.
+GAMMA_CANDIDATES = 16
 
 Op = Callable[[Tensor, Tensor], Tensor]
 
@@ -49,10 +55,44 @@ def _grey(images: Tensor) -> Tensor:
     return (0.299 * red + 0.587 * green + 0.114 * blue).unsqueeze(1)
 
 
-def _quantise(images: Tensor) -> Tensor:
-    """Images in [0, 1] as integer levels 0..255 (int64), the 8-bit values Pillow's ops are defined on."""
+def _levels(images: Tensor) -> Tensor:
+    """Images in [0, 1] as the integer levels 0..255 (still floats) that Pillow's ops are defined on."""
     # Clamped because a bicubic resize upstream can overshoot [0, 1], and the levels index histograms.
-    return (images.clamp(0, 1) * 255).round().long()
+    return (images.clamp(0, 1) * 255).round()
+
+
+def _mean_grey(images: Tensor) -> Tensor:
+    """Each image's mean luma (n, 1, 1, 1)."""
+    return _grey(images).mean(dim=(-3, -2, -1), keepdim=True)
+
+
+def _smooth(images: Tensor) -> Tensor:
+    """Pillow's SMOOTH filter (the 8 neighbours weigh 1, the centre 5, over 13); like Pillow, it leaves the
+    one-pixel border as it was."""
+    # A 3x3 sum as a sum over rows then over columns: cheaper than a convolution, and no kernel to copy over.
+    rows = images[..., :-2, :] + images[..., 1:-1, :] + images[..., 2:, :]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    smooth = images.clone()
+    smooth[..., 1:-1, 1:-1] = (box + 4 * images[..., 1:-1, 1:-1]) / 13
+    return smooth
+
+
+# Pillow's ImageEnhance ops by the image each blends with ("degenerate": what factor 0 gives).
+DEGENERATES: dict[str, Callable[[Tensor], Tensor]] = {
+    "Brightness": torch.zeros_like,
+    "Color": _grey,
+    "Contrast": _mean_grey,
+    "Sharpness": _smooth,
+}
+
+
+def _enhancement(degenerate: Callable[[Tensor], Tensor]) -> Op:
+    """The ImageEnhance op with factor 1 + magnitude that blends with degenerate(images)."""
+
+    def op(images: Tensor, magnitudes: Tensor) -> Tensor:
+        return _blend(images, degenerate(images), 1 + _per_sample(magnitudes, images))
+
+    return op
 
 
 def identity(images: Tensor, magnitudes: Tensor) -> Tensor:
@@ -60,35 +100,10 @@ def identity(images: Tensor, magnitudes: Tensor) -> Tensor:
     return images
 
 
-def brightness(images: Tensor, magnitudes: Tensor) -> Tensor:
-    """ImageEnhance.Brightness with factor 1 + magnitude."""
-    return _blend(images, torch.zeros_like(images), 1 + _per_sample(magnitudes, images))
-
-
-def color(images: Tensor, magnitudes: Tensor) -> Tensor:
-    """ImageEnhance.Color (saturation) with factor 1 + magnitude."""
-    return _blend(images, _grey(images), 1 + _per_sample(magnitudes, images))
-
-
-def contrast(images: Tensor, magnitudes: Tensor) -> Tensor:
-    """ImageEnhance.Contrast with factor 1 + magnitude: blends with the image's mean grey."""
-    mean_grey = _grey(images).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(images, mean_grey, 1 + _per_sample(magnitudes, images))
-
-
-def sharpness(images: Tensor, magnitudes: Tensor) -> Tensor:
-    """ImageEnhance.Sharpness with factor 1 + magnitude: blends with Pillow's SMOOTH filter, border kept."""
-    kernel = images.new_tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
-    smooth = images.clone()
-    # Like Pillow, the 3x3 filter leaves the one-pixel border as it was.
-    smooth[..., 1:-1, 1:-1] = F.conv2d(images, kernel.expand(3, 1, 3, 3), groups=3)
-    return _blend(images, smooth, 1 + _per_sample(magnitudes, images))
-
-
 def posterize(images: Tensor, magnitudes: Tensor) -> Tensor:
     """ImageOps.posterize: keep the `magnitude` (rounded) highest bits of each 8-bit value."""
     step = 2 ** (8 - _per_sample(magnitudes, images).round())
-    return torch.div(_quantise(images), step, rounding_mode="floor") * step / 255
+    return (_levels(images) / step).floor() * step / 255
 
 
 def solarize(images: Tensor, magnitudes: Tensor) -> Tensor:
@@ -109,10 +124,9 @@ def auto_contrast(images: Tensor, magnitudes: Tensor) -> Tensor:
 def equalize(images: Tensor, magnitudes: Tensor) -> Tensor:
     """ImageOps.equalize: per-channel histogram equalisation of the 8-bit values (Pillow's lookup table)."""
     n, channels, height, width = images.shape
-    levels = _quantise(images).flatten(2)
-    # One bincount for the whole batch: each (image, channel) counts into its own block of 256 bins.
-    offsets = 256 * torch.arange(n * channels, device=images.device).view(n, channels, 1)
-    histogram = torch.bincount((levels + offsets).flatten(), minlength=n * channels * 256).view(n, channels, 256)
+    levels = _levels(images).long().flatten(2)
+    # A scatter, not bincount: bincount reads the largest value back to the host to size its output.
+    histogram = levels.new_zeros(n, channels, 256).scatter_add_(2, levels, torch.ones_like(levels))
     brightest_count = histogram.gather(2, levels.amax(dim=2, keepdim=True))
     step = torch.div(height * width - brightest_count, 255, rounding_mode="floor")
     darker = histogram.cumsum(2) - histogram
@@ -127,41 +141,43 @@ def equalize(images: Tensor, magnitudes: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _affine(magnitudes: Tensor, rows: list[list[Tensor | float]]) -> Tensor:
-    """A 2x3 matrix per sample (n, 2, 3) from entries that are numbers or tensors (n,)."""
-    n = magnitudes.shape[0]
+def _affine(magnitudes: Tensor, rows: list[list[Tensor | float]], height: int, width: int) -> Tensor:
+    """A 2x3 map per sample (n, 2, 3) in affine_grid's units ([-1, 1] across each side), from a map in pixels
+    whose entries are numbers or tensors (n,)."""
+    # x / (width / 2) and y / (height / 2) on both sides of the map scale its entries by these.
+    to_unit = [[1.0, height / width, 2 / width], [width / height, 1.0, 2 / height]]
     entries = [
-        torch.as_tensor(entry, dtype=magnitudes.dtype, device=magnitudes.device).expand(n)
-        for row in rows
-        for entry in row
+        magnitudes.new_full(magnitudes.shape, entry * scale) if isinstance(entry, float) else entry * scale
+        for row, row_scales in zip(rows, to_unit, strict=True)
+        for entry, scale in zip(row, row_scales, strict=True)
     ]
-    return torch.stack(entries, dim=-1).view(n, 2, 3)
+    return torch.stack(entries, dim=-1).view(-1, 2, 3)
 
 
 def _shear_x_map(magnitudes: Tensor, height: int, width: int) -> Tensor:
     """Shear factor `magnitude` about the top edge, like torchvision (center=[0, 0]) and Pillow."""
-    return _affine(magnitudes, [[1.0, magnitudes, magnitudes * height / 2], [0.0, 1.0, 0.0]])
+    return _affine(magnitudes, [[1.0, magnitudes, magnitudes * height / 2], [0.0, 1.0, 0.0]], height, width)
 
 
 def _shear_y_map(magnitudes: Tensor, height: int, width: int) -> Tensor:
     """Shear factor `magnitude` about the left edge."""
-    return _affine(magnitudes, [[1.0, 0.0, 0.0], [magnitudes, 1.0, magnitudes * width / 2]])
+    return _affine(magnitudes, [[1.0, 0.0, 0.0], [magnitudes, 1.0, magnitudes * width / 2]], height, width)
 
 
 def _translate_x_map(magnitudes: Tensor, height: int, width: int) -> Tensor:
     """Shift right by `magnitude` pixels, truncated to whole pixels like torchvision (no blur)."""
-    return _affine(magnitudes, [[1.0, 0.0, -magnitudes.trunc()], [0.0, 1.0, 0.0]])
+    return _affine(magnitudes, [[1.0, 0.0, -magnitudes.trunc()], [0.0, 1.0, 0.0]], height, width)
 
 
 def _translate_y_map(magnitudes: Tensor, height: int, width: int) -> Tensor:
     """Shift down by `magnitude` pixels, truncated to whole pixels."""
-    return _affine(magnitudes, [[1.0, 0.0, 0.0], [0.0, 1.0, -magnitudes.trunc()]])
+    return _affine(magnitudes, [[1.0, 0.0, 0.0], [0.0, 1.0, -magnitudes.trunc()]], height, width)
 
 
 def _rotate_map(magnitudes: Tensor, height: int, width: int) -> Tensor:
     """Rotate counter-clockwise by `magnitude` degrees about the centre."""
     cos, sin = torch.deg2rad(magnitudes).cos(), torch.deg2rad(magnitudes).sin()
-    return _affine(magnitudes, [[cos, -sin, 0.0], [sin, cos, 0.0]])
+    return _affine(magnitudes, [[cos, -sin, 0.0], [sin, cos, 0.0]], height, width)
 
 
 AFFINE_MAPS: dict[str, Callable[[Tensor, int, int], Tensor]] = {
@@ -174,12 +190,9 @@ AFFINE_MAPS: dict[str, Callable[[Tensor, int, int], Tensor]] = {
 
 
 def warp(images: Tensor, maps: Tensor) -> Tensor:
-    """Resample each image through its inverse affine map (n, 2, 3), in pixels about the image centre;
-    pixels from outside the image take the grey FILL. Bilinear."""
-    height, width = images.shape[-2:]
-    # affine_grid wants coordinates in [-1, 1] along each side: rescale the pixel maps.
-    to_unit = maps.new_tensor([[1.0, height / width, 2 / width], [width / height, 1.0, 2 / height]])
-    grid = F.affine_grid(maps * to_unit, list(images.shape), align_corners=False)
+    """Resample each image through its inverse affine map (n, 2, 3), in affine_grid's units about the image
+    centre; pixels from outside the image take the grey FILL. Bilinear."""
+    grid = F.affine_grid(maps, list(images.shape), align_corners=False)
     # Sampling around FILL with zero padding makes the outside FILL, blended bilinearly at the border.
     shifted = F.grid_sample(images - FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return (shifted + FILL).clamp(0, 1)
@@ -194,19 +207,20 @@ def _geometric_op(affine_map: Callable[[Tensor, int, int], Tensor]) -> Op:
     return op
 
 
-COLOUR_OPS: dict[str, Op] = {
+# The colour ops that are not ImageEnhance blends.
+OTHER_COLOUR_OPS: dict[str, Op] = {
     "Identity": identity,
     "AutoContrast": auto_contrast,
     "Equalize": equalize,
     "Solarize": solarize,
-    "Color": color,
     "Posterize": posterize,
-    "Contrast": contrast,
-    "Brightness": brightness,
-    "Sharpness": sharpness,
 }
 # Every op by name, fn(images (n, 3, H, W) in [0, 1], magnitudes (n,)), to test and preview them one by one.
-OPS: dict[str, Op] = COLOUR_OPS | {name: _geometric_op(affine_map) for name, affine_map in AFFINE_MAPS.items()}
+OPS: dict[str, Op] = (
+    OTHER_COLOUR_OPS
+    | {name: _enhancement(degenerate) for name, degenerate in DEGENERATES.items()}
+    | {name: _geometric_op(affine_map) for name, affine_map in AFFINE_MAPS.items()}
+)
 # RandAugment's and TrivialAugmentWide's op set (all of OPS), in the order draw_ops indexes it.
 OP_NAMES = tuple(OPS)
 
@@ -229,11 +243,49 @@ def _integers(high: int, shape: tuple[int, ...], generator: torch.Generator | No
     return torch.randint(high, shape, generator=generator, device=_draw_device(generator, device)).to(device)
 
 
-def _numpy_rng(generator: torch.Generator | None) -> np.random.Generator:
-    """A NumPy generator seeded from `generator` (or torch's global CPU one): torch has no Beta sampler that
-    takes a generator."""
-    device = generator.device if generator is not None else "cpu"
-    return np.random.default_rng(torch.randint(2**62, (1,), generator=generator, device=device).item())
+def _normal(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    return torch.randn(shape, generator=generator, dtype=dtype, device=_draw_device(generator, device)).to(device)
+
+
+def _log_uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """log(U) for U uniform in (0, 1]: finite, unlike the log of torch.rand's 0."""
+    return (1 - _uniform(shape, generator, device)).log()
+
+
+def _log_gamma(alpha: float, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Logarithms of Gamma(alpha, 1) samples by Marsaglia and Tsang (2000), vectorised: of GAMMA_CANDIDATES
+    candidates d * v, v = (1 + c * x)^3 with x standard normal, the first that passes the acceptance test is
+    kept. Below 1, Gamma(alpha) = Gamma(alpha + 1) * U^(1 / alpha), added as a log so that it cannot underflow."""
+    shape_above_one = alpha if alpha >= 1 else alpha + 1
+    d = shape_above_one - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    x = _normal((*shape, GAMMA_CANDIDATES), generator, device)
+    log_u = _log_uniform((*shape, GAMMA_CANDIDATES), generator, device)
+    v = (1 + c * x) ** 3
+    log_v = v.log()  # NaN where v <= 0: those candidates are rejected by the v > 0 test
+    accepted = (v > 0) & (log_u < x**2 / 2 + d - d * v + d * log_v)
+    first_accepted = accepted.int().argmax(dim=-1, keepdim=True)
+    log_gamma = math.log(d) + log_v.gather(-1, first_accepted).squeeze(-1)
+    # No candidate accepted (probability below 1e-20): log(d), near the mean, keeps the sample finite.
+    log_gamma = torch.where(accepted.any(dim=-1), log_gamma, math.log(d))
+    if alpha < 1:
+        log_gamma = log_gamma + _log_uniform(shape, generator, device) / alpha
+    return log_gamma
+
+
+def sample_beta(
+    alpha: float, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Beta(alpha, alpha) samples (float32) on `device` from `generator`, which torch.distributions.Beta does
+    not take: X / (X + Y) for independent X, Y ~ Gamma(alpha)."""
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    device = torch.device(device)
+    log_x, log_y = _log_gamma(alpha, (2, *shape), generator, device).unbind(0)
+    # X / (X + Y) as sigmoid(log X - log Y): exact where X and Y are both too small for a float.
+    return torch.sigmoid(log_x - log_y)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -278,33 +330,43 @@ def draw_ops(
     sample, and its magnitude at the sample's bin (of 31) with a random sign where the op takes one.
     Magnitudes follow torchvision's RandAugment table, or (wide) its TrivialAugmentWide table."""
     ranges = _magnitude_ranges(height, width, wide)
-    columns = zip(*(ranges[name] for name in OP_NAMES), strict=True)
-    first, last, signed = (torch.tensor(column, device=bins.device) for column in columns)
     count = bins.shape[0]
     ops = _integers(len(OP_NAMES), (count,), generator, bins.device)
-    magnitudes = first[ops] + (last - first)[ops] * bins / (NUM_MAGNITUDE_BINS - 1)
-    negative = signed[ops] & (_uniform((count,), generator, bins.device) < 0.5)
-    return ops, torch.where(negative, -magnitudes, magnitudes)
+    negative = _uniform((count,), generator, bins.device) < 0.5
+    # One where per op rather than indexing a table: a table tensor would be a host-to-device copy.
+    magnitudes = torch.zeros_like(bins)
+    for index, name in enumerate(OP_NAMES):
+        first, last, signed = ranges[name]
+        size = first + (last - first) * bins / (NUM_MAGNITUDE_BINS - 1)
+        magnitudes = torch.where(ops == index, torch.where(negative, -size, size) if signed else size, magnitudes)
+    return ops, magnitudes
 
 
 def apply_ops(images: Tensor, ops: Tensor, magnitudes: Tensor) -> Tensor:
-    """Apply op OP_NAMES[ops[i]] at magnitudes[i] to sample i: each colour op on the samples that chose
-    it, and all geometric ops together in one affine_grid/grid_sample call."""
-    out = images.clone()
-    maps = torch.eye(2, 3, dtype=images.dtype, device=images.device).repeat(len(images), 1, 1)
-    geometric = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+    """Apply op OP_NAMES[ops[i]] at magnitudes[i] to sample i. Each op runs on the whole batch (at every
+    sample's magnitude) and a mask keeps it where it was chosen: selecting the samples instead would read the
+    mask on the host. The enhancement ops share one blend and the geometric ops one warp."""
+    chosen = ops.view(-1, 1, 1, 1)
+    magnitudes = magnitudes.to(images.dtype)
+    out = degenerate = images
+    maps = torch.eye(2, 3, dtype=images.dtype, device=images.device).expand(len(images), 2, 3)
+    enhanced = geometric = torch.zeros_like(chosen, dtype=torch.bool)
     for index, name in enumerate(OP_NAMES):
-        picked = ops == index
-        if not picked.any():
-            continue
+        picked = chosen == index
         if name in AFFINE_MAPS:
-            maps[picked] = AFFINE_MAPS[name](magnitudes[picked].to(images.dtype), *images.shape[-2:])
-            geometric |= picked
+            maps = torch.where(picked[..., 0], AFFINE_MAPS[name](magnitudes, *images.shape[-2:]), maps)
+            geometric = geometric | picked
+        elif name == "Identity":
+            continue  # `out` starts as the images
+        elif name in DEGENERATES:
+            degenerate = torch.where(picked, DEGENERATES[name](images), degenerate)
+            enhanced = enhanced | picked
         else:
-            out[picked] = COLOUR_OPS[name](images[picked], magnitudes[picked])
-    if geometric.any():
-        out[geometric] = warp(images[geometric], maps[geometric])
-    return out
+            # Where another op was chosen, this op's result at that op's magnitude may be anything, even NaN:
+            # the mask drops it.
+            out = torch.where(picked, OTHER_COLOUR_OPS[name](images, magnitudes), out)
+    out = torch.where(enhanced, _blend(images, degenerate, 1 + _per_sample(magnitudes, images)), out)
+    return torch.where(geometric, warp(images, maps), out)
 
 
 def rand_augment(
@@ -366,8 +428,9 @@ def random_erasing(
     first_fit = fits.int().argmax(dim=1, keepdim=True)
     box_height = box_heights.gather(1, first_fit).squeeze(1)
     box_width = box_widths.gather(1, first_fit).squeeze(1)
-    top = (_uniform((n,), generator, device) * (height - box_height + 1)).floor()
-    left = (_uniform((n,), generator, device) * (width - box_width + 1)).floor()
+    # Uniform integer offsets in [0, size - box]; the clamp guards against float32 rounding rand() * n up to n.
+    top = torch.minimum((_uniform((n,), generator, device) * (height - box_height + 1)).floor(), height - box_height)
+    left = torch.minimum((_uniform((n,), generator, device) * (width - box_width + 1)).floor(), width - box_width)
     erase = fits.any(dim=1) & (_uniform((n,), generator, device) < probability)
 
     rows = torch.arange(height, device=device)
@@ -375,10 +438,7 @@ def random_erasing(
     in_rows = (rows >= top[:, None]) & (rows < (top + box_height)[:, None])
     in_columns = (columns >= left[:, None]) & (columns < (left + box_width)[:, None])
     inside = in_rows[:, None, :, None] & in_columns[:, None, None, :] & erase[:, None, None, None]
-    noise = torch.randn(
-        images.shape, generator=generator, dtype=images.dtype, device=_draw_device(generator, device)
-    ).to(device)
-    return torch.where(inside, noise, images)
+    return torch.where(inside, _normal(images.shape, generator, device, images.dtype), images)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,18 +451,19 @@ def smooth_one_hot(labels: Tensor, num_classes: int, smoothing: float) -> Tensor
     on the label, smoothing / num_classes elsewhere; each row sums to one."""
     if not 0 <= smoothing < 1:
         raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
-    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+    # A comparison, not F.one_hot: one_hot reads the labels' range back to the host to check it.
+    one_hot = (labels[:, None] == torch.arange(num_classes, device=labels.device)).float()
+    return one_hot * (1 - smoothing) + smoothing / num_classes
 
 
-def _cutmix_box(lam: float, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """timm's rand_bbox: a box of side sqrt(1 - lam) times the image's, centred anywhere, clipped to it.
-    Returns (top, bottom, left, right)."""
-    cut_height = int(height * math.sqrt(1 - lam))
-    cut_width = int(width * math.sqrt(1 - lam))
-    centre_y, centre_x = int(rng.integers(height)), int(rng.integers(width))
-    top, bottom = max(centre_y - cut_height // 2, 0), min(centre_y + cut_height // 2, height)
-    left, right = max(centre_x - cut_width // 2, 0), min(centre_x + cut_width // 2, width)
-    return top, bottom, left, right
+def _cut_span(lam: Tensor, size: int, generator: torch.Generator | None) -> Tensor:
+    """Which of `size` pixels (bool) one side of timm's rand_bbox covers: a cut of int(size * sqrt(1 - lam))
+    pixels centred on a uniform pixel, clipped to the image."""
+    half_cut = (size * (1 - lam).sqrt()).floor().div(2).floor()
+    # The clamp guards against float32 rounding rand() * size up to size.
+    centre = (_uniform((), generator, lam.device) * size).floor().clamp(max=size - 1)
+    positions = torch.arange(size, device=lam.device)
+    return (positions >= centre - half_cut) & (positions < centre + half_cut)
 
 
 def mixup_cutmix(
@@ -422,7 +483,7 @@ def mixup_cutmix(
     blends whole images, CutMix pastes a box from the partner and sets lam to the area left unpasted. With
     both alphas > 0 CutMix is chosen with `switch_prob`; an alpha of 0 disables that method (both 0: no
     mixing). Returns the images and soft targets lam * onehot(y) + (1 - lam) * onehot(y reversed), built
-    from label-smoothed one-hots, each row summing to one.
+    from label-smoothed one-hots, each row summing to one. Unmixed, a batch comes back with lam = 1.
     """
     _check_images(images)
     if mixup_alpha < 0 or cutmix_alpha < 0:
@@ -431,22 +492,32 @@ def mixup_cutmix(
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     targets = smooth_one_hot(labels, num_classes, label_smoothing)
-    rng = _numpy_rng(generator)
-    if (mixup_alpha == 0 and cutmix_alpha == 0) or rng.random() >= prob:
+    if (mixup_alpha == 0 and cutmix_alpha == 0) or prob == 0:
         return images, targets
 
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or rng.random() < switch_prob)
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(rng.beta(alpha, alpha))
-    partners = images.flip(0)
-    if use_cutmix:
-        height, width = images.shape[-2:]
-        top, bottom, left, right = _cutmix_box(lam, height, width, rng)
-        mixed = images.clone()
-        mixed[..., top:bottom, left:right] = partners[..., top:bottom, left:right]
-        lam = 1 - (bottom - top) * (right - left) / (height * width)
+    device = images.device
+    mix = _uniform((), generator, device) < prob
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = _uniform((), generator, device) < switch_prob
+        # Both lambdas are drawn and the chosen one kept: drawing only that one would read use_cutmix.
+        lam = torch.where(
+            use_cutmix,
+            sample_beta(cutmix_alpha, (), generator, device),
+            sample_beta(mixup_alpha, (), generator, device),
+        )
     else:
-        mixed = lam * images + (1 - lam) * partners
+        use_cutmix = torch.full((), cutmix_alpha > 0, device=device)
+        lam = sample_beta(max(mixup_alpha, cutmix_alpha), (), generator, device)
+
+    height, width = images.shape[-2:]
+    cutting = mix & use_cutmix
+    pasted = _cut_span(lam, height, generator)[:, None] & _cut_span(lam, width, generator) & cutting
+    # The weight of each sample's own image: lam for Mixup, 1 (the image as it is) for CutMix or no mixing.
+    own_weight = torch.where(mix & ~use_cutmix, lam, 1.0)
+    partners = images.flip(0)
+    mixed = torch.where(pasted, partners, own_weight * images + (1 - own_weight) * partners)
+    # Like timm, CutMix's lam becomes the share of the image that the clipped box leaves.
+    lam = torch.where(cutting, 1 - pasted.sum() / (height * width), own_weight)
     return mixed, lam * targets + (1 - lam) * targets.flip(0)
 
 
