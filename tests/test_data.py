@@ -13,15 +13,20 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import scipy.ndimage
 import torch
-from PIL import Image
+from accelerate.data_loader import SeedableRandomSampler, prepare_data_loader, skip_first_batches
+from PIL import Image, JpegImagePlugin
+from test_photos import cifar_images
 from transformers.image_utils import PILImageResampling
 
 # Without torchvision, transformers 5's ViTImageProcessor falls back to (and returns) this PIL implementation.
 from transformers.models.vit import ViTImageProcessorPil
 
+from vit_hf import data as data_module
 from vit_hf.data import DeviceTransform, load_splits, make_loader, random_crop_boxes, to_model_range
 from vit_hf.errors import UserError
+from vit_hf.recipe import resolve_recipe
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # PIL's bilinear resize rounds to uint8 twice (after its horizontal and after its vertical pass, each within half a
@@ -191,6 +196,29 @@ def test_cifar100_archive_has_fine_and_coarse_labels(tmp_path):
     assert coarse.test["coarse_label"][:] == members["test"][b"coarse_labels"]
 
 
+def stored_images(dataset: datasets.Dataset, column: str = "img") -> list[bytes]:
+    return [image["bytes"] for image in dataset.with_format("arrow")[column].to_pylist()]
+
+
+def test_examples_per_class_keeps_a_seeded_class_balanced_subset_of_train(cifar_source):
+    data = train_only(cifar_source, train_split="train[:1000]", examples_per_class=5)
+    subset = load_splits(data, seed=1)
+    assert np.bincount(subset.train["label"][:], minlength=10).tolist() == [5] * 10
+    assert subset.train_subset == len(subset.train) == 50
+    split = set(stored_images(datasets.load_dataset(**cifar_source, split="train[:1000]")))
+    assert set(stored_images(subset.train)) <= split
+    assert stored_images(load_splits(data, seed=1).train) == stored_images(subset.train)
+    assert set(stored_images(load_splits(data, seed=2).train)) != set(stored_images(subset.train))
+    assert load_splits(train_only(cifar_source, train_split="train[:1000]")).train_subset is None
+
+
+def test_examples_per_class_beyond_a_class_or_below_one_is_named(cifar_source):
+    # train[:200] holds 12 to 26 images of each class.
+    data = train_only(cifar_source, train_split="train[:200]", examples_per_class=30)
+    one_line_error(lambda: load_splits(data), "data.examples_per_class", "30", "train[:200]")
+    one_line_error(lambda: resolve_recipe({"data": {"examples_per_class": 0}}), "data.examples_per_class", "positive")
+
+
 def test_a_skipped_split_is_none(cifar_source):
     splits = load_splits(train_only(cifar_source, train_split="test[:10]"))
     assert (len(splits.train), splits.eval, splits.test) == (10, None, None)
@@ -326,7 +354,9 @@ def png_bytes(image: Image.Image) -> bytes:
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_an_undecodable_image_stops_the_loader_naming_the_row(num_workers):
     loader = make_loader(broken_dataset(), "image", "label", 4, shuffle=False, num_workers=num_workers)
-    one_line_error(lambda: next(iter(loader)), "row 2", "'image'", "undecodable")
+    # The batch carries the error from the worker: reading it raises, in the process that reads it.
+    batch = next(iter(loader))
+    one_line_error(lambda: batch["pixels"], "row 2", "'image'", "undecodable", '(bad_images: "skip" drops such rows)')
 
 
 def test_skipped_images_are_left_out_and_counted():
@@ -413,18 +443,253 @@ def test_odd_image_modes_become_rgb(tmp_path):
         assert torch.equal(pixels, torch.from_numpy(expected.astype(np.uint8).transpose(2, 0, 1).copy()))
 
 
-def test_images_of_mixed_sizes_are_resized_to_image_size():
+def test_images_of_mixed_sizes_or_larger_than_image_size_are_resized_whole_in_the_workers():
     images = [random_image(24, 24, 0), random_image(40, 30, 1), random_image(24, 24, 2)]
     data = image_dataset(images, [0, 1, 2])
-    one_line_error(lambda: first_batch(data), "row 0 is 24x24", "row 1 is 40x30", "image_size")
+    one_line_error(lambda: first_batch(data)["pixels"], "row 0 is 24x24", "row 1 is 40x30", "image_size")
 
+    # Without a crop the workers do the eval transform: the whole image resized, as PIL does it.
     batch = first_batch(data, image_size=24)
+    assert batch["prepared"]
     assert torch.equal(batch["pixels"][0], chw(images[0])) and torch.equal(batch["pixels"][2], chw(images[2]))
     assert torch.equal(batch["pixels"][1], chw(images[1].resize((24, 24), Image.BILINEAR)))
     batch = first_batch(data, image_size=16)
     assert torch.equal(batch["pixels"], torch.stack([chw(image.resize((16, 16), Image.BILINEAR)) for image in images]))
-    # A batch of one size keeps it, whatever image_size says.
-    assert first_batch(data.select([0, 2]), image_size=16)["pixels"].shape == (2, 3, 24, 24)
+    # A batch of one size larger than image_size is resized there too; one no larger keeps its size for the device.
+    batch = first_batch(data.select([0, 2]), image_size=16)
+    assert batch["prepared"] and batch["pixels"].shape == (2, 3, 16, 16)
+    batch = first_batch(data.select([0, 2]), image_size=32)
+    assert not batch["prepared"] and torch.equal(batch["pixels"], torch.stack([chw(images[0]), chw(images[2])]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Photos: larger or mixed-size images are cropped from the original and resized in the workers
+
+
+@pytest.fixture(scope="module")
+def photos(cifar10_dir) -> list[Image.Image]:
+    """Six real photos of mixed sizes and aspect ratios: CIFAR-10 test images enlarged (bicubic) to 90-300 px."""
+    sizes = [(300, 120), (96, 180), (200, 200), (150, 90), (240, 260), (90, 300)]
+    images = [image for label in (3, 5, 8) for image in cifar_images(cifar10_dir, label, 2)]
+    return [image.resize(size, Image.BICUBIC) for image, size in zip(images, sizes, strict=True)]
+
+
+def encoded_dataset(images: list[Image.Image], kind: str = "PNG", **options) -> datasets.Dataset:
+    """IMAGES stored as files of one format (PNG: lossless, and no reduced-scale decoding)."""
+    files = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format=kind, **options)
+        files.append({"bytes": buffer.getvalue(), "path": None})
+    return image_dataset(files, [0] * len(files))
+
+
+def decoded(dataset: datasets.Dataset) -> list[Image.Image]:
+    """The stored images, fully decoded by PIL."""
+    return [
+        Image.open(io.BytesIO(image["bytes"])).convert("RGB")
+        for image in dataset.with_format("arrow")["image"].to_pylist()
+    ]
+
+
+def fixed_boxes(monkeypatch, boxes: list[list[int]]) -> None:
+    """Have the workers cut these crop boxes (top, left, height, width) instead of random ones."""
+    monkeypatch.setattr(data_module, "crop_boxes", lambda *draws: torch.tensor(boxes, dtype=torch.float32))
+
+
+def test_worker_crops_are_cut_from_the_original_photo_then_resized(photos, monkeypatch):
+    boxes = [
+        [10, 20, 100, 150],
+        [0, 0, 180, 96],
+        [50, 30, 60, 80],
+        [5, 5, 80, 140],
+        [100, 40, 150, 120],
+        [200, 10, 90, 70],
+    ]
+    fixed_boxes(monkeypatch, boxes)
+    batch = first_batch(encoded_dataset(photos), image_size=64, crop_scale=(0.05, 1.0))
+    assert batch["prepared"] and batch["pixels"].shape == (6, 3, 64, 64)
+    for image, (top, left, height, width), pixels in zip(photos, boxes, batch["pixels"], strict=True):
+        reference = chw(image.crop((left, top, left + width, top + height)).resize((64, 64), Image.BILINEAR))
+        difference = (pixels.int() - reference.int()).abs()
+        # The workers resize with PIL's box argument, as the device path's filter does: its antialias taps may reach
+        # past the box into the rest of the image, where a crop stops them. So they differ along the border only.
+        assert difference[:, 1:-1, 1:-1].max() <= 1 and difference.max() <= 8 and difference.float().mean() < 0.2
+
+
+def test_square_features_of_a_wide_photo_stay_square_in_the_training_crops():
+    # A 4:1 canvas of black 24 px squares on white: squashed to a square first, they would become 1:4.
+    canvas = np.full((120, 480, 3), 255, np.uint8)
+    for top in range(8, 120 - 24, 40):
+        for left in range(8, 480 - 24, 40):
+            canvas[top : top + 24, left : left + 24] = 0
+    loader = make_loader(
+        encoded_dataset([Image.fromarray(canvas)] * 16), "image", "label", 16, shuffle=True,
+        image_size=64, crop_scale=(0.05, 1.0), hflip=True,
+    )  # fmt: skip
+    aspects = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        for pixels in next(iter(loader))["pixels"]:
+            squares, _ = scipy.ndimage.label(pixels[0].numpy() < 128)
+            for rows, columns in scipy.ndimage.find_objects(squares):
+                if rows.start > 0 and columns.start > 0 and rows.stop < 64 and columns.stop < 64:  # whole squares
+                    aspects.append((columns.stop - columns.start) / (rows.stop - rows.start))
+    assert len(aspects) > 40
+    # The crop boxes' aspect ratios are in [3/4, 4/3]; a square 13 px or more across is measured to a pixel.
+    assert min(aspects) >= 3 / 4 * 12 / 13 and max(aspects) <= 4 / 3 * 13 / 12
+
+
+def worker_crops(
+    dataset: datasets.Dataset, epoch: int = 0, **options
+) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
+    """The rows of each batch of one epoch, and each row's pixels, from a shuffling training loader of photos."""
+    options = {"shuffle": True, "image_size": 48, "crop_scale": (0.05, 1.0), "hflip": True} | options
+    loader = make_loader(dataset, "image", "label", 4, **options)
+    loader.sampler.set_epoch(epoch)
+    batches = list(loader)
+    assert all(batch["prepared"] for batch in batches)
+    pixels = {
+        row: image for batch in batches for row, image in zip(batch["index"].tolist(), batch["pixels"], strict=True)
+    }
+    return [batch["index"].tolist() for batch in batches], pixels
+
+
+def test_worker_crops_depend_on_seed_epoch_and_row_only(photos):
+    dataset = encoded_dataset(photos * 2)  # rows i and i + 6 hold the same photo
+    order, crops = worker_crops(dataset, seed=3)
+    workers_order, workers_crops = worker_crops(dataset, seed=3, num_workers=2)
+    assert workers_order == order and all(torch.equal(crops[row], workers_crops[row]) for row in crops)
+    for _, other in (worker_crops(dataset, epoch=1, seed=3), worker_crops(dataset, seed=4)):
+        assert sum(torch.equal(crops[row], other[row]) for row in crops) <= 1
+    assert not any(torch.equal(crops[row], crops[row + 6]) for row in range(6))
+
+
+def test_sharded_and_resumed_loaders_give_each_row_its_crop_of_the_whole_loader(photos):
+    # As the loop prepares its loader (accelerate, use_seedable_sampler=True) on each of 2 processes, and resumes it.
+    dataset = encoded_dataset(photos * 4)
+    order, crops = worker_crops(dataset, epoch=1, seed=5, drop_last=True)
+    for process in (0, 1):
+        shard = prepare_data_loader(
+            make_loader(dataset, "image", "label", 4, shuffle=True, seed=5, drop_last=True, image_size=48,
+                        crop_scale=(0.05, 1.0), hflip=True),
+            num_processes=2, process_index=process, use_seedable_sampler=True, data_seed=5,
+        )  # fmt: skip
+        shard.set_epoch(1)
+        batches = list(shard)
+        shard.set_epoch(1)
+        resumed = list(skip_first_batches(shard, 2))
+        assert [batch["index"].tolist() for batch in batches] == order[process::2]
+        assert [batch["index"].tolist() for batch in resumed] == order[process::2][2:]
+        for batch in batches + resumed:
+            assert all(
+                torch.equal(crops[row], pixels)
+                for row, pixels in zip(batch["index"].tolist(), batch["pixels"], strict=True)
+            )
+
+
+def test_each_epoch_is_shuffled_as_accelerates_seedable_sampler_shuffled_the_loop():
+    data = image_dataset([random_image(4, 4, seed) for seed in range(50)], [0] * 50)
+    loader = make_loader(data, "image", "label", 50, shuffle=True, seed=7)
+    for epoch in (0, 1, 2):
+        loader.sampler.set_epoch(epoch)
+        theirs = SeedableRandomSampler(data_source=range(50), generator=torch.Generator(), data_seed=7)
+        theirs.set_epoch(epoch)
+        assert next(iter(loader))["index"].tolist() == list(theirs)
+
+
+def scale_for(width: float, height: float, size: int) -> int:
+    """The JPEG scale a box of width x height needs for SIZE px: the largest 1/s that keeps both sides >= SIZE."""
+    return max(s for s in (1, 2, 4, 8) if width / s >= size and height / s >= size)
+
+
+@pytest.fixture
+def drafts(monkeypatch) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(size before, size after) of each reduced-scale JPEG decode the pipeline asks for."""
+    calls = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(image, mode, size):
+        before = image.size
+        result = original(image, mode, size)
+        calls.append((before, image.size))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    return calls
+
+
+def test_eval_decodes_jpegs_at_reduced_scale_only_down_to_the_model_size(photos, drafts):
+    sizes = [(400, 330), (170, 500), (150, 130), (700, 160), (320, 330), (90, 75)]
+    big = [image.resize(size, Image.BICUBIC) for image, size in zip(photos, sizes, strict=True)]
+    jpegs = encoded_dataset(big, "JPEG", quality=95)
+    batch = first_batch(jpegs, image_size=40)
+    scales = [scale_for(*size, 40) for size in sizes]
+    assert scales == [8, 4, 2, 4, 8, 1]
+    assert drafts == [
+        (size, (math.ceil(size[0] / s), math.ceil(size[1] / s))) for size, s in zip(sizes, scales, strict=True) if s > 1
+    ]
+    full = torch.stack([chw(image.resize((40, 40), Image.BILINEAR)) for image in decoded(jpegs)])
+    difference = (batch["pixels"].int() - full.int()).abs()
+    # The decoder's DCT scaling alone: measured 0.45 levels mean and 14 at most at 40 px (see data._draft).
+    assert difference.float().mean() < 1 and difference.max() <= 20
+    assert torch.equal(batch["pixels"][5], full[5])  # not reduced: exactly the full decode
+    # PNG has no reduced-scale decoding: exactly the full decode and resize.
+    drafts.clear()
+    pngs = encoded_dataset(big)
+    assert torch.equal(
+        first_batch(pngs, image_size=40)["pixels"], torch.stack([chw(i.resize((40, 40), Image.BILINEAR)) for i in big])
+    )
+    assert drafts == []
+
+
+def test_training_decodes_a_jpeg_at_reduced_scale_only_as_far_as_its_crop_box_allows(photos, drafts, monkeypatch):
+    photo = photos[2].resize((640, 480), Image.BICUBIC)
+    boxes = [[0, 0, 70, 70], [100, 50, 170, 180], [10, 10, 400, 330], [0, 0, 480, 640]]
+    fixed_boxes(monkeypatch, boxes)
+    jpegs = encoded_dataset([photo] * 4, "JPEG", quality=95)
+    batch = first_batch(jpegs, image_size=40, crop_scale=(0.05, 1.0))
+    scales = [scale_for(width, height, 40) for _, _, height, width in boxes]
+    assert scales == [1, 4, 8, 8]
+    assert [before[0] // after[0] for before, after in drafts] == [s for s in scales if s > 1]
+    original = decoded(jpegs)[0]
+    for (top, left, height, width), s, pixels in zip(boxes, scales, batch["pixels"], strict=True):
+        assert width / s >= 40 and height / s >= 40  # the reduced box still has the output's resolution
+        full = chw(original.resize((40, 40), Image.BILINEAR, box=(left, top, left + width, top + height)))
+        difference = (pixels.int() - full.int()).abs()
+        assert difference.float().mean() < 1 and difference.max() <= 20
+        assert s > 1 or torch.equal(pixels, full)
+
+
+def test_eval_batches_of_photos_match_the_vit_image_processor(photos):
+    # The whole photo resized to the model's size, whatever its size: PNG exactly as PIL, drafted JPEG within its
+    # DCT scaling (measured: 4 levels at most at 224 px; 20 allowed at 64 px here).
+    ours = DeviceTransform(64, train=False)(first_batch(encoded_dataset(photos), image_size=64)["pixels"])
+    expected = vit_processor(64)(photos, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, expected, atol=PIL_ROUNDING, rtol=0)
+    big = [photo.resize((2 * photo.width, 2 * photo.height), Image.BICUBIC) for photo in photos]
+    jpegs = encoded_dataset(big, "JPEG", quality=95)
+    ours = DeviceTransform(64, train=False)(first_batch(jpegs, image_size=64)["pixels"])
+    expected = vit_processor(64)(decoded(jpegs), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, expected, atol=20 / 127.5, rtol=0)
+    assert (ours - expected).abs().mean() < 1 / 127.5
+
+
+def test_small_images_of_one_size_keep_the_device_path(cifar):
+    # CIFAR: 32 px, no larger than the model's 224, all one size: the batch leaves the workers as decoded.
+    batch = first_batch(cifar.eval.select(range(8)), "img", image_size=224, crop_scale=(0.05, 1.0), hflip=True)
+    assert not batch["prepared"] and batch["pixels"].shape == (8, 3, 32, 32)
+
+
+def test_a_prepared_batch_is_only_scaled_on_the_device():
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    transform = DeviceTransform(32, train=True)
+    assert torch.equal(transform(pixels, torch.Generator().manual_seed(0), prepared=True), pixels.float() / 127.5 - 1)
+    assert torch.equal(
+        transform.geometry(pixels, torch.Generator().manual_seed(0), prepared=True), pixels.float() / 255
+    )
+    # Eval of an image already at the model's size: the resize is the identity.
+    assert torch.equal(DeviceTransform(32, train=False)(pixels), pixels.float() / 127.5 - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

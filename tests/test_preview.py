@@ -4,6 +4,7 @@ import json
 
 import pytest
 from PIL import Image
+from test_photos import write_photo_folder
 
 from vit_hf.preview import main
 
@@ -46,3 +47,25 @@ def test_a_bad_output_name_is_one_line_exit_2(cifar10_dir, tmp_path, capsys):
         main([_recipe(cifar10_dir, tmp_path, None), "--out", str(tmp_path / "grid.jpg")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'grid.jpg'}: expected a .png file name"
+
+
+def test_preview_reads_photo_folders_as_the_loop_does(cifar10_dir, tmp_path, capsys):
+    # Mixed sizes, modes and formats, and a file that is no image, which bad_images "skip" leaves out.
+    photos = write_photo_folder(tmp_path / "photos", cifar10_dir, broken=True)
+    recipe = {
+        "model": {"pretrained": None, "image_size": 32, "config": {"patch_size": 8, "num_hidden_layers": 1}},
+        "data": {
+            "dataset": {"path": "imagefolder", "data_dir": str(photos), "cache_dir": str(tmp_path / "cache")},
+            "train_split": "train",
+            "eval_split": None,
+            "test_split": None,
+            "bad_images": "skip",
+            "augment": {"crop_scale": [0.3, 1.0], "rand_augment": {"num_ops": 2, "magnitude": 9}},
+        },
+    }
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    main([str(tmp_path / "recipe.json"), "--out", str(tmp_path / "grid.png"), "--count", "16"])
+    # 16 training rows, one of them the broken file.
+    assert f"wrote {tmp_path / 'grid.png'}: 15 augmented training images" in capsys.readouterr().out
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.width > 8 * 32 and grid.height > 2 * 32

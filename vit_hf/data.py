@@ -1,8 +1,10 @@
 """Input pipeline: data sets and splits, uint8 batches from CPU workers, and the ViT preprocessing on the device.
 
-The CPU workers only decode: a CIFAR batch leaves them as 32 px uint8 (a few hundred kB). The crop, the resize to
-the model's size, the flip and the normalisation run afterwards as batched tensor ops on the training device
-(`DeviceTransform`), where they cost little, instead of per image in PIL on a few CPU cores.
+The CPU workers only decode small images: a CIFAR batch leaves them as 32 px uint8 (a few hundred kB). The crop, the
+resize to the model's size, the flip and the normalisation run afterwards as batched tensor ops on the training device
+(`DeviceTransform`), where they cost little, instead of per image in PIL on a few CPU cores. Photos (larger than the
+model's input, or of mixed sizes) are cropped from the original and resized in the workers instead, JPEGs decoded at
+reduced scale where that loses nothing the crop needs, so that image_size uint8 batches cross to the device.
 """
 
 import dataclasses
@@ -11,8 +13,9 @@ import io
 import math
 import pickle
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import datasets
 import numpy as np
@@ -20,21 +23,12 @@ import PIL.Image
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 
 from vit_hf.errors import UserError
+from vit_hf.recipe import SPLIT_FIELDS, section_defaults
 
-DATA_DEFAULTS = {
-    "dataset": "cifar10",
-    "train_split": "train[:98%]",
-    # The official code selects models on a minival split carved from train; the test split is only reported.
-    "eval_split": "train[98%:]",
-    "test_split": "test",
-    "image_column": None,
-    "label_column": None,
-}
 HUB_NAMES = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100"}
-SPLIT_FIELDS = {"train": "train_split", "eval": "eval_split", "test": "test_split"}
 LOCAL_FILES_HINT = (
     'point the recipe\'s data.dataset at local files, e.g. {"path": "parquet", "data_files": {"train": ..., '
     '"test": ...}} or {"cifar_archive": "path/to/cifar-10-python.tar.gz"}'
@@ -70,11 +64,16 @@ class DataSplits:
     label_column: str
     class_names: list[str]
     name: str
+    train_subset: int | None  # rows of the train split kept by data.examples_per_class; None: all of them
 
 
-def load_splits(data: dict) -> DataSplits:
-    """Load the data set of a recipe's `data` section and cut its train, minival and test splits."""
-    data = {**DATA_DEFAULTS, **data}
+def load_splits(data: dict, seed: int = 0) -> DataSplits:
+    """Load the data set of a recipe's `data` section and cut its train, minival and test splits.
+
+    With data.examples_per_class K, the train split keeps K rows of each class, drawn with `seed` (the recipe's
+    train.seed).
+    """
+    data = section_defaults("data") | data
     source, name = _load_source(data["dataset"])
     image_column, label_column, class_names = _find_columns(source, data["image_column"], data["label_column"], name)
     splits = {}
@@ -86,8 +85,20 @@ def load_splits(data: dict) -> DataSplits:
         dataset = _select_split(source, expression, name, field)
         _check_labels(dataset, label_column, len(class_names), f"{name}, {field} {expression!r}")
         splits[split] = dataset
+    train_subset = None
+    if data["examples_per_class"] is not None and splits["train"] is not None:
+        where = f"data set {name!r}, train_split {data['train_split']!r}"
+        splits["train"] = _class_balanced(
+            splits["train"], label_column, class_names, data["examples_per_class"], seed, where
+        )
+        train_subset = len(splits["train"])
     return DataSplits(
-        **splits, image_column=image_column, label_column=label_column, class_names=class_names, name=name
+        **splits,
+        image_column=image_column,
+        label_column=label_column,
+        class_names=class_names,
+        name=name,
+        train_subset=train_subset,
     )
 
 
@@ -249,61 +260,243 @@ def _check_labels(dataset: datasets.Dataset, column: str, num_classes: int, wher
         )
 
 
+def _class_balanced(
+    dataset: datasets.Dataset, column: str, class_names: list[str], per_class: int, seed: int, where: str
+) -> datasets.Dataset:
+    """PER_CLASS rows of each class, drawn without replacement by a generator seeded with SEED, in split order."""
+    labels = dataset.with_format("arrow")[column].to_numpy()
+    rng = np.random.default_rng(seed % 2**64)  # numpy takes non-negative seeds only
+    chosen = []
+    for label, class_name in enumerate(class_names):
+        rows = np.flatnonzero(labels == label)
+        if len(rows) < per_class:
+            raise UserError(
+                f"data.examples_per_class: {per_class} asked, but class {class_name!r} has {len(rows)} rows in {where}"
+            )
+        chosen.append(rng.choice(rows, per_class, replace=False))
+    return dataset.select(np.sort(np.concatenate(chosen)))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Loading: decode in the CPU workers, collate small uint8 batches.
+# Loading: decode in the CPU workers, collate uint8 batches.
 
 
-class _WorkerUserError(UserError):
-    """A UserError raised in a DataLoader worker: still one line when torch re-raises it in the main process."""
+class _EpochSampler(torch.utils.data.Sampler):
+    """(row, epoch) pairs: the rows of one epoch, shuffled or in order, each with the epoch it is drawn for.
 
-    def __init__(self, message: str):
-        # torch re-raises a worker's error as type(error)(text), where text is the worker's traceback; its last line
-        # is "<module>.<class name>: <message>".
-        last_line = message.strip().splitlines()[-1]
-        super().__init__(last_line.split(f"{type(self).__name__}: ", 1)[-1])
+    The workers draw a row's crop and flip from (seed, epoch, row), so the epoch travels with each row index to
+    whichever worker of whichever process reads it (persistent workers hold their own copy of the data set: an epoch
+    set on it in the main process would not reach them). Epoch e's order is `torch.randperm` seeded with seed + e,
+    the order accelerate's SeedableRandomSampler gave the loop (data_seed=seed). This is no RandomSampler, so
+    accelerate's `prepare` keeps it: its `set_epoch` reaches this sampler through BatchSamplerShard, and
+    `skip_first_batches` shares it. A plain loader's next pass takes the next epoch.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        epoch = self.epoch
+        if self.shuffle:
+            rows = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            rows = range(self.size)
+        for row in rows:
+            yield row, epoch
+        self.epoch = epoch + 1
 
 
-class _DecodedRows(torch.utils.data.Dataset):
-    """Map-style rows (index, label, RGB image or None if undecodable), read a batch at a time from arrow."""
+class _Rows(torch.utils.data.Dataset):
+    """Map-style rows (index, epoch, label, encoded image) for (row, epoch) pairs, read a batch at a time from arrow."""
 
-    def __init__(self, dataset: datasets.Dataset, image_column: str, label_column: str, bad_images: str):
+    def __init__(self, dataset: datasets.Dataset, image_column: str, label_column: str):
         # The arrow format skips datasets' per-row decoding and formatting: a batch is one `take` of raw bytes.
         self.table = dataset.select_columns([image_column, label_column]).with_format("arrow")
         self.image_column = image_column
         self.label_column = label_column
-        self.bad_images = bad_images
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, index: int) -> tuple[int, int, PIL.Image.Image | None]:
-        return self.__getitems__([index])[0]
+    def __getitem__(self, pair: tuple[int, int]) -> tuple[int, int, int, dict]:
+        return self.__getitems__([pair])[0]
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[int, int, PIL.Image.Image | None]]:
-        rows = self.table[indices]
+    def __getitems__(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int, int, dict]]:
+        rows = self.table[[row for row, _ in pairs]]
         images = rows.column(self.image_column).to_pylist()
         labels = rows.column(self.label_column).to_pylist()
-        return [
-            (index, label, self._decode(index, image))
-            for index, label, image in zip(indices, labels, images, strict=True)
-        ]
+        return [(row, epoch, label, image) for (row, epoch), label, image in zip(pairs, labels, images, strict=True)]
 
-    def _decode(self, index: int, image: dict) -> PIL.Image.Image | None:
+
+class _FailedBatch(dict):
+    """The batch the collate returns when it cannot make one: reading any key raises its UserError there.
+
+    An exception raised in a worker reaches the main process only as torch's text of its traceback; a batch arrives
+    intact, through pinning and accelerate's move to the device (both copy it with `items()`), with workers or not.
+    """
+
+    def __getitem__(self, key: str):
+        raise UserError(dict.get(self, "error"))
+
+
+_T = TypeVar("_T")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Collate:
+    """The DataLoader's collate_fn: decode a batch of rows into uint8 pixels, in the workers. Two paths:
+
+    - device: a batch of images of one size, none larger than image_size (CIFAR: 32 px), leaves as it is decoded,
+      a few hundred kB; the crop, resize and flip run afterwards as batched ops on the device (`DeviceTransform`),
+      where they cost little.
+    - prepared: any other batch (larger images, which would be large to send and resample, or mixed sizes, which
+      cannot be stacked) is brought to image_size here, image by image (`_prepare`): crop from the original image,
+      resize and flip, as the official pipeline does. It leaves marked "prepared", so that the device only scales it.
+    """
+
+    image_column: str
+    bad_images: str
+    image_size: int | None
+    crop_scale: Sequence[float] | None
+    hflip: bool
+    seed: int
+
+    def __call__(self, rows: list[tuple[int, int, int, dict]]) -> dict:
         try:
-            source = io.BytesIO(image["bytes"]) if image["bytes"] is not None else image["path"]
-            with PIL.Image.open(source) as decoded:
-                return _to_rgb(decoded)
+            return self._batch(rows)
+        except UserError as error:
+            return _FailedBatch(error=str(error))
+
+    def _batch(self, rows: list[tuple[int, int, int, dict]]) -> dict:
+        opened = [
+            (row, epoch, label, self._read(row, functools.partial(_open, image))) for row, epoch, label, image in rows
+        ]
+        opened = [entry for entry in opened if entry[3] is not None]
+        sizes = {image.size for *_, image in opened}
+        if len(sizes) > 1 and self.image_size is None:
+            first_row, *_, first = opened[0]
+            odd_row, *_, odd = next(entry for entry in opened if entry[3].size != first.size)
+            raise UserError(
+                f"images of different sizes in one batch: row {first_row} is {_size(first)}, row {odd_row} is "
+                f"{_size(odd)} (width x height); set image_size to resize them"
+            )
+        size = self.image_size
+        prepared = size is not None and (len(sizes) > 1 or any(max(w, h) > size for w, h in sizes))
+        if prepared:
+            arrays = self._prepare(opened)
+        else:
+            arrays = [self._read(row, functools.partial(_pixels, image)) for row, *_, image in opened]
+        kept = [
+            (row, label, array) for (row, _, label, _), array in zip(opened, arrays, strict=True) if array is not None
+        ]
+        height, width = kept[0][2].shape[:2] if kept else (size or 0, size or 0)
+        pixels = np.empty((len(kept), 3, height, width), dtype=np.uint8)
+        for i, (*_, array) in enumerate(kept):
+            pixels[i] = array.transpose(2, 0, 1)
+        return {
+            "pixels": torch.from_numpy(pixels),
+            "labels": torch.tensor([label for _, label, _ in kept], dtype=torch.int64),
+            "index": torch.tensor([row for row, _, _ in kept], dtype=torch.int64),
+            "skipped": torch.tensor(len(rows) - len(kept), dtype=torch.int64),
+            "prepared": prepared,
+        }
+
+    def _read(self, row: int, read: Callable[[], _T]) -> _T | None:
+        """read(), or None for an undecodable image if bad_images is "skip" (else a UserError naming the row)."""
+        try:
+            return read()
         except Exception as error:  # PIL raises many kinds of error on a broken file
             if self.bad_images == "skip":
                 return None
-            raise _WorkerUserError(
-                f"undecodable image in row {index}, column {self.image_column!r}: {_one_line(error)} "
+            raise UserError(
+                f"undecodable image in row {row}, column {self.image_column!r}: {_one_line(error)} "
                 '(bad_images: "skip" drops such rows)'
             ) from error
 
+    def _prepare(self, opened: list[tuple[int, int, int, PIL.Image.Image]]) -> list[np.ndarray | None]:
+        """Each image as (S, S, 3) uint8 (None: undecodable, skipped): a crop box of the original image resized to
+        S = image_size, and flipped at random.
+
+        The boxes and the flips follow DeviceTransform: `random_crop_boxes` on each image's own size (the whole image
+        when crop_scale is None, i.e. for eval), then a coin if hflip; each row draws them from its own generator, a
+        function of (seed, epoch, row) only, so a resumed run, any worker count and any process count see the same
+        crops. The resize is PIL's bilinear with antialias (which `_resize_weights` reproduces on the device), from a
+        JPEG decoded at reduced scale where the box allows (`_draft`).
+        """
+        generators = [_row_generator(self.seed, epoch, row) for row, epoch, *_ in opened]
+        # In DeviceTransform's order: the crop's attempts, its offsets, then the flip.
+        attempts = torch.cat([torch.rand(1, 10, 2, generator=generator) for generator in generators])
+        offsets = torch.cat([torch.rand(1, 2, generator=generator) for generator in generators])
+        flips = torch.cat([torch.rand(1, generator=generator) for generator in generators]) < 0.5
+        widths, heights = torch.tensor([image.size for *_, image in opened], dtype=torch.float32).unbind(dim=1)
+        if self.crop_scale is None:
+            boxes = torch.stack([torch.zeros_like(heights), torch.zeros_like(widths), heights, widths], dim=1)
+        else:
+            boxes = crop_boxes(attempts, offsets, heights, widths, self.crop_scale)
+        return [
+            self._crop(row, image, box.tolist(), self.hflip and bool(flip))
+            for (row, *_, image), box, flip in zip(opened, boxes, flips, strict=True)
+        ]
+
+    def _crop(self, row: int, image: PIL.Image.Image, box: list[float], flip: bool) -> np.ndarray | None:
+        top, left, box_height, box_width = box
+        scale = _draft(image, box_width, box_height, self.image_size)
+        decoded = self._read(row, functools.partial(_to_rgb, image))
+        if decoded is None:
+            return None
+        reduced_box = (left / scale, top / scale, (left + box_width) / scale, (top + box_height) / scale)
+        pixels = np.asarray(decoded.resize((self.image_size,) * 2, PIL.Image.BILINEAR, box=reduced_box))
+        return pixels[:, ::-1] if flip else pixels
+
+
+def _open(image: dict) -> PIL.Image.Image:
+    """The stored image, opened: its size and format are known, its pixels not decoded yet."""
+    return PIL.Image.open(io.BytesIO(image["bytes"]) if image["bytes"] is not None else image["path"])
+
+
+def _pixels(image: PIL.Image.Image) -> np.ndarray:
+    return np.asarray(_to_rgb(image))
+
+
+def _row_generator(seed: int, epoch: int, row: int) -> torch.Generator:
+    """The random source of one row's crop and flip in one epoch."""
+    # SeedSequence spreads the three numbers over the whole state (it takes non-negative entropy only).
+    state = np.random.SeedSequence([seed % 2**64, epoch, row]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _draft(image: PIL.Image.Image, box_width: float, box_height: float, size: int) -> int:
+    """Have a JPEG decode at the most reduced of 1/8, 1/4 and 1/2 scale at which the box still spans `size` pixels
+    both ways; return the scale it will decode at (1: full size, always for other formats, which have no such
+    decoder).
+
+    libjpeg scales while it decodes (its DCT at reduced size), at a fraction of the cost of a full decode. Against a
+    full decode with the same box and resize, on CIFAR test images upscaled to mixed sizes and saved as JPEG
+    (quality 90), 224 px out, images drafted at 1/2 (300-640 px, eval and train crops): 0.25 uint8 levels mean
+    absolute difference, 4 at most; at 1/2 to 1/8 (900-2000 px): 0.21 mean, 3 at most. Small outputs differ more: at
+    40 px out (81-900 px photos, 1/2 to 1/8) 0.45 mean, 14 at most (2-core CPU, 2026-12-01).
+    """
+    scale = next((s for s in (8, 4, 2) if box_width >= s * size and box_height >= s * size), 1)
+    if scale == 1:
+        return 1
+    width, height = image.size
+    # PIL takes the largest scale that keeps the image at least the asked size: `scale`, as the box fits in it.
+    drafted = image.draft(image.mode, (width // scale, height // scale))
+    return round(width / drafted[1][2]) if drafted else 1
+
 
 def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """An 8-bit RGB copy of a decoded image: gray replicated, palette looked up, alpha dropped, 16 bit scaled."""
+    """The decoded image in 8-bit RGB: gray replicated, palette looked up, alpha dropped, 16 bit scaled."""
+    if image.mode == "RGB":
+        image.load()
+        return image  # as decoded: a conversion would copy it
     if image.mode.startswith("I"):
         # PIL's own conversion of 16- or 32-bit integer gray clips at 255; scale [0, 65535] to [0, 255] instead.
         gray = np.asarray(image).astype(np.int64).clip(0, 65535)
@@ -311,36 +504,6 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # the direct conversion to RGB warns about palette transparency
     return image.convert("RGB")
-
-
-def _collate(rows: list[tuple[int, int, PIL.Image.Image | None]], image_size: int | None) -> dict:
-    """Stack decoded rows into a batch of uint8 pixels, int64 labels and row indices, and count the skipped rows."""
-    kept = [row for row in rows if row[2] is not None]
-    indices = [index for index, _, _ in kept]
-    images = [image for _, _, image in kept]
-    # Images can only be stacked at one size. A batch whose images share a size keeps it (CIFAR stays 32 px: the
-    # upsample to the model's size is done on the device). In a batch of mixed sizes, every image that is not
-    # image_size x image_size is resized to it here, bilinear with antialias like the eval resize. This depends only
-    # on which rows form the batch, so it is deterministic for a given seed.
-    odd = next((i for i, image in enumerate(images) if image.size != images[0].size), None)
-    if odd is not None:
-        if image_size is None:
-            raise _WorkerUserError(
-                f"images of different sizes in one batch: row {indices[0]} is {_size(images[0])}, row "
-                f"{indices[odd]} is {_size(images[odd])} (width x height); set image_size to resize them"
-            )
-        target = (image_size, image_size)
-        images = [image if image.size == target else image.resize(target, PIL.Image.BILINEAR) for image in images]
-    height, width = (images[0].height, images[0].width) if images else (image_size or 0, image_size or 0)
-    pixels = np.empty((len(images), 3, height, width), dtype=np.uint8)
-    for i, image in enumerate(images):
-        pixels[i] = np.asarray(image).transpose(2, 0, 1)
-    return {
-        "pixels": torch.from_numpy(pixels),
-        "labels": torch.tensor([label for _, label, _ in kept], dtype=torch.int64),
-        "index": torch.tensor(indices, dtype=torch.int64),
-        "skipped": torch.tensor(len(rows) - len(kept), dtype=torch.int64),
-    }
 
 
 def _size(image: PIL.Image.Image) -> str:
@@ -359,27 +522,31 @@ def make_loader(
     drop_last: bool = False,
     bad_images: str = "stop",
     image_size: int | None = None,
+    crop_scale: Sequence[float] | None = None,
+    hflip: bool = False,
 ) -> DataLoader:
-    """A DataLoader of uint8 batches {"pixels", "labels", "index", "skipped"}; see DeviceTransform for the rest.
+    """A DataLoader of uint8 batches {"pixels", "labels", "index", "skipped", "prepared"}, for DeviceTransform.
 
-    Shuffling draws from a generator seeded with `seed`. Undecodable images stop the loader with an error naming the
-    row (bad_images="stop") or are left out of their batch and counted in "skipped" (bad_images="skip").
-    `image_size` is where images of mixed sizes are resized to (see `_collate`).
+    Epoch e's shuffle and its random crops depend on (seed, e) only; `set_epoch` chooses e. Undecodable images stop
+    the loader with an error naming the row (bad_images="stop") or are left out of their batch and counted in
+    "skipped" (bad_images="skip"); an error is raised where the batch is read. Batches of images larger than
+    `image_size`, or of mixed sizes, are brought to image_size in the workers ("prepared": see `_Collate`): the whole
+    image resized, or with crop_scale a random crop of it (and a random flip if hflip), as the training
+    DeviceTransform with these settings would do.
     """
     if bad_images not in ("stop", "skip"):
         raise UserError(f'bad_images must be "stop" or "skip", not {bad_images!r}')
     missing = [column for column in (image_column, label_column) if column not in dataset.column_names]
     if missing:
         raise UserError(f"data set has no column {missing[0]!r} (columns: {', '.join(dataset.column_names)})")
-    rows = _DecodedRows(dataset, image_column, label_column, bad_images)
+    rows = _Rows(dataset, image_column, label_column)
     # A plain DataLoader over a map-style data set: accelerate's `prepare` shards it across processes.
-    sampler = RandomSampler(rows, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(rows)
     return DataLoader(
         rows,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=_EpochSampler(len(rows), shuffle, seed),
         num_workers=num_workers,
-        collate_fn=functools.partial(_collate, image_size=image_size),
+        collate_fn=_Collate(image_column, bad_images, image_size, crop_scale, hflip, seed),
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
@@ -419,16 +586,31 @@ def random_crop_boxes(
     crop of the largest box with an aspect ratio in that range.
     """
     attempts = torch.rand(batch, 10, 2, generator=generator, device=device)
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * attempts[..., 0])
+    offsets = torch.rand(batch, 2, generator=generator, device=device)
+    return crop_boxes(attempts, offsets, height, width, scale)
+
+
+def crop_boxes(
+    attempts: torch.Tensor,
+    offsets: torch.Tensor,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
+    scale: Sequence[float],
+) -> torch.Tensor:
+    """The boxes of `random_crop_boxes` from its uniform draws, attempts (B, 10, 2) and offsets (B, 2), for images
+    of one size (ints) or of one size each ((B,) tensors)."""
+    batch, device = len(attempts), attempts.device
+    height = torch.as_tensor(height, dtype=torch.float32, device=device).expand(batch)
+    width = torch.as_tensor(width, dtype=torch.float32, device=device).expand(batch)
+    area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * attempts[..., 0])
     aspect = torch.exp(math.log(4 / 3) * (2 * attempts[..., 1] - 1))
     crop_width = torch.sqrt(area * aspect).round()
     crop_height = torch.sqrt(area / aspect).round()
-    fits = (crop_width >= 1) & (crop_width <= width) & (crop_height >= 1) & (crop_height <= height)
+    fits = (crop_width >= 1) & (crop_width <= width[:, None]) & (crop_height >= 1) & (crop_height <= height[:, None])
     first = fits.int().argmax(dim=1, keepdim=True)  # the first attempt that fits (0 if none does)
     found = fits.any(dim=1)
-    crop_width = torch.where(found, crop_width.gather(1, first)[:, 0], min(width, round(height * 4 / 3)))
-    crop_height = torch.where(found, crop_height.gather(1, first)[:, 0], min(height, round(width * 4 / 3)))
-    offsets = torch.rand(batch, 2, generator=generator, device=device)
+    crop_width = torch.where(found, crop_width.gather(1, first)[:, 0], torch.minimum(width, (height * 4 / 3).round()))
+    crop_height = torch.where(found, crop_height.gather(1, first)[:, 0], torch.minimum(height, (width * 4 / 3).round()))
     # Uniform integer offsets in [0, size - crop]; the clamp guards against float32 rounding rand() * n up to n.
     top = torch.minimum((offsets[:, 0] * (height - crop_height + 1)).floor(), height - crop_height)
     left = torch.minimum((offsets[:, 1] * (width - crop_width + 1)).floor(), width - crop_width)
@@ -462,6 +644,11 @@ class DeviceTransform:
     Crop, resize and flip are one resampling with PIL's bilinear filter (antialiased when downsampling), written as
     two matrix products per sample with weights made for its crop box; a flip reverses the column weights. Where
     TF32 matmuls are allowed (CUDA), results stay within a quarter of a uint8 level (emulated: 0.22).
+
+    A batch the loader's workers prepared (its "prepared" key: large or mixed-size images, already cropped, resized
+    and flipped there from the originals, see `make_loader`) is only scaled: pass prepared=True. Without a crop or
+    a flip, an image_size x image_size batch is already the result (the resize is the identity), so eval needs no
+    flag.
     """
 
     def __init__(
@@ -475,22 +662,30 @@ class DeviceTransform:
         self.crop_scale = crop_scale if train else None
         self.hflip = hflip and train
 
-    def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, prepared: bool = False
+    ) -> torch.Tensor:
         """uint8 (B, 3, H, W) to float32 (B, 3, S, S) in [-1, 1]; random draws from `generator` (on pixels' device).
 
         The [-1, 1] scaling is applied to the small input: each output pixel is a weighted mean of input pixels
         (weights summing to one), so scaling commutes with the resampling and costs nothing at full size.
         """
-        return self._resample(to_model_range(pixels), generator)
+        images = to_model_range(pixels)
+        return images if prepared else self._resample(images, generator)
 
-    def geometry(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def geometry(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, prepared: bool = False
+    ) -> torch.Tensor:
         """Crop, resize and flip: uint8 (B, 3, H, W) to float32 (B, 3, S, S) in [0, 1], for augmentations of pixel
         values (RandAugment, TrivialAugment) that work on [0, 1] images before `to_model_range`."""
-        return self._resample(pixels.float() / 255, generator)
+        images = pixels.float() / 255
+        return images if prepared else self._resample(images, generator)
 
     def _resample(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         batch, channels, height, width = images.shape
         device = images.device
+        if self.crop_scale is None and not self.hflip and height == width == self.image_size:
+            return images
         if self.crop_scale is None:
             boxes = torch.tensor([[0, 0, height, width]], dtype=torch.float32, device=device).expand(batch, 4)
         else:

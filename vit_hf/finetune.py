@@ -83,7 +83,7 @@ class FineTune:
         resume_path = resolve_resume(self.out / "checkpoints", resume)
         set_seed(self.cfg["seed"])
         with accelerator.local_main_process_first():  # downloads land in a cache local to each machine
-            self.splits = load_splits(recipe["data"])
+            self.splits = load_splits(recipe["data"], seed=self.cfg["seed"])
             model = build_model(recipe["model"], self.splits.class_names)
         self.auto_micro_batch = self.cfg["micro_batch_size"] == "auto"
         if self.auto_micro_batch:
@@ -159,11 +159,14 @@ class FineTune:
         )
 
     def _loader(self, dataset, batch_size: int, train: bool):
-        data = self.recipe["data"]
+        """Training batches carry the crop and flip settings: photos larger than the model are cropped in the
+        workers (see `vit_hf.data`); evaluation batches are whole images."""
+        data, augment = self.recipe["data"], self.recipe["data"]["augment"] or {}
         return make_loader(
             dataset, self.splits.image_column, self.splits.label_column, batch_size,
             shuffle=train, seed=self.cfg["seed"], num_workers=data["num_workers"], drop_last=train,
             bad_images=data["bad_images"], image_size=self.recipe["model"]["image_size"],
+            crop_scale=augment.get("crop_scale") if train else None, hflip=train and augment.get("hflip", False),
         )  # fmt: skip
 
     def _make_loaders(self) -> tuple:
@@ -366,6 +369,8 @@ class FineTune:
             "mixed_precision": cfg["mixed_precision"],
             "base_model": self.recipe["model"]["pretrained"],
             "dataset": self.splits.name,
+            "train_examples": len(self.splits.train),
+            "examples_per_class": self.recipe["data"]["examples_per_class"],
             "class_names": self.splits.class_names,
         }
 

@@ -209,7 +209,28 @@ def _card_text(recipe: dict, results: dict, model_id: str | None, curves: bool) 
         "",
         f"- Base checkpoint: {_base_model_text(results['base_model'])}.",
         f"- Data: {dataset}; training split `{data['train_split']}`, minival `{data['eval_split']}`, "
-        f"test `{data['test_split']}`.",
+        f"test `{data['test_split']}`"
+        + (
+            f"; {data['examples_per_class']} examples of each class, {results.get('train_examples')} images in all."
+            if data.get("examples_per_class")
+            else "."
+        ),
+        *(
+            [
+                f"- Micro-batch {results['micro_batch_size']} x {results['accumulation_steps']} accumulation steps a "
+                'process, found by `train.micro_batch_size: "auto"` to fit the device.'
+            ]
+            if results.get("micro_batch_size_auto")
+            else []
+        ),
+        *(
+            [
+                f"- Exported weights: their moving average (`train.ema_decay` {recipe['train']['ema_decay']}), which was "
+                "better on minival than the trained weights."
+            ]
+            if results.get("exported_weights") == "ema average"
+            else []
+        ),
         f"- {results['step']:,} optimizer steps of {recipe['train']['global_batch_size']} images: "
         f"{results['images_seen']:,} training images seen.",
         f"- Hardware: {results['hardware']} ({processes} process{'es' if processes != 1 else ''}), mixed precision "

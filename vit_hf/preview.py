@@ -3,8 +3,8 @@
     python -m vit_hf.preview recipes/cifar10_scratch.json --out augmented.png --count 32
     python -m vit_hf.preview recipes/cifar10.json --out official.png --set model.image_size=96
 
-The images go through the loop's own `TrainInputs` (crop, resize, flip, RandAugment or TrivialAugment, random erasing,
-Mixup or CutMix), seeded with the recipe's seed, so the grid is what training sees.
+The images go through the loop's own loader settings and `TrainInputs` (crop, resize, flip, RandAugment or
+TrivialAugment, random erasing, Mixup or CutMix), seeded with the recipe's seed, so the grid is what training sees.
 """
 
 import argparse
@@ -15,17 +15,30 @@ import torch
 from vit_hf.augment import save_preview_grid
 from vit_hf.data import load_splits, make_loader
 from vit_hf.errors import UserError, cli_entry
-from vit_hf.finetune import TrainInputs
+from vit_hf.files import atomic_file
+from vit_hf.inputs import TrainInputs
 from vit_hf.recipe import load_recipe
 
 
 def augmented_batch(recipe: dict, count: int) -> torch.Tensor:
-    """The first COUNT training images of RECIPE after its training augmentation, in [-1, 1]."""
-    splits = load_splits(recipe["data"])
+    """The first COUNT training images of RECIPE after its training augmentation, in [-1, 1].
+
+    They are read with the loop's settings (image size, crop and flip in the workers for photos, bad_images), so any
+    data set the loop accepts works; undecodable images that bad_images "skip" drops are left out.
+    """
+    seed = recipe["train"]["seed"]
+    splits = load_splits(recipe["data"], seed=seed)
+    inputs = TrainInputs(recipe, len(splits.class_names), torch.Generator().manual_seed(seed))
     rows = splits.train.select(range(min(count, len(splits.train))))
-    loader = make_loader(rows, splits.image_column, splits.label_column, len(rows), shuffle=False)
-    generator = torch.Generator().manual_seed(recipe["train"]["seed"])
-    images, _ = TrainInputs(recipe, len(splits.class_names), generator)(next(iter(loader)))
+    loader = make_loader(
+        rows, splits.image_column, splits.label_column, len(rows), shuffle=False, seed=seed,
+        bad_images=recipe["data"]["bad_images"], image_size=inputs.transform.image_size,
+        crop_scale=inputs.transform.crop_scale, hflip=inputs.transform.hflip,
+    )  # fmt: skip
+    batch = next(iter(loader))
+    if not len(batch["index"]):
+        raise UserError(f"data.train_split: none of its first {len(rows)} images can be decoded")
+    images, _ = inputs(batch)
     return images
 
 
@@ -43,10 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: expected a .png file name")
     images = augmented_batch(load_recipe(args.recipe, args.set), args.count)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp.png")
-    save_preview_grid(images, staging)
-    staging.replace(out)
+    with atomic_file(out) as staging:
+        save_preview_grid(images, staging)
     print(f"wrote {out}: {len(images)} augmented training images")
 
 
