@@ -1,5 +1,6 @@
 """The speed benchmark: its FLOP count, its GPU peaks, and a smoke run of the real CLI on a tiny ViT."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 from transformers import ViTConfig
 
-from vit_hf.bench import MODELS, peak_tflops, training_flops_per_image
+from vit_hf.bench import MODELS, bench_recipe, peak_tflops, training_flops_per_image
 
 
 def test_a_vit_b16_training_step_at_224_px_is_about_105_gflops_an_image():
@@ -24,6 +25,22 @@ def test_peaks_are_found_by_device_name(device, peak):
     assert peak_tflops(device) == peak
 
 
+@pytest.mark.parametrize(
+    "flags, momentum_dtype, checkpointing",
+    [({}, "float32", False), ({"momentum_dtype": "bfloat16", "gradient_checkpointing": True}, "bfloat16", True)],
+)
+def test_memory_flags_set_the_momentum_dtype_and_gradient_checkpointing_of_the_recipe(
+    flags, momentum_dtype, checkpointing
+):
+    args = argparse.Namespace(
+        recipe=None, set=[], model="tiny", layers=None, image_size=None, micro_batch=None, precision=None,
+        compile=False, momentum_dtype=None, gradient_checkpointing=False, warmup=10, steps=30,
+    )  # fmt: skip
+    recipe = bench_recipe(argparse.Namespace(**vars(args) | flags))
+    assert recipe["optim"]["momentum_dtype"] == momentum_dtype
+    assert recipe["train"]["gradient_checkpointing"] is checkpointing
+
+
 @pytest.mark.slow
 def test_bench_prints_a_json_line_a_case_then_a_table_with_the_ratio(cifar10_dir):
     dataset = {"path": "parquet", "data_files": {"train": str(cifar10_dir / "train.parquet")}}
@@ -31,6 +48,7 @@ def test_bench_prints_a_json_line_a_case_then_a_table_with_the_ratio(cifar10_dir
         sys.executable, "-m", "vit_hf.bench", "--model", "tiny", "--layers", "1", "--image-size", "32",
         "--micro-batch", "8", "--precision", "no", "--warmup", "1", "--steps", "2", "--compare-trainer",
         "--set", f"data.dataset={json.dumps(dataset)}", "--set", "data.num_workers=0", "--set", "train.log_every=1",
+        "--momentum-dtype", "bfloat16", "--gradient-checkpointing",
     ]  # fmt: skip
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -43,6 +61,7 @@ def test_bench_prints_a_json_line_a_case_then_a_table_with_the_ratio(cifar10_dir
         assert row["images_per_second"] > 0 and row["input_images_per_second"] > 0 and row["peak_memory_gib"] > 0
         assert row["mfu"] is None  # a CPU has no known peak
         assert (row["model"]["num_hidden_layers"], row["image_size"], row["micro_batch"]) == (1, 32, 8)
+        assert (row["momentum_dtype"], row["gradient_checkpointing"]) == ("bfloat16", True)
     table = lines[lines.index("| case | train images/s | MFU | input images/s | peak memory GiB |") :]
     assert [line.split(" | ")[0] for line in table[2:4]] == ["| vit_hf.finetune", "| transformers.Trainer"]
     assert table[-1].startswith("vit_hf.finetune / transformers.Trainer: ") and table[-1].endswith("x")
@@ -51,10 +70,11 @@ def test_bench_prints_a_json_line_a_case_then_a_table_with_the_ratio(cifar10_dir
 def test_input_pipeline_bench_prints_both_pipelines_and_the_ratio(cifar10_dir, capsys):
     from vit_hf.bench_data import main
 
-    args = ["--parquet", str(cifar10_dir / "train.parquet"), "--image-size", "64", "--batch-size", "16"]
+    dataset = {"path": "parquet", "data_files": {"train": str(cifar10_dir / "train.parquet")}}
+    args = ["--dataset", json.dumps(dataset), "--image-size", "64", "--batch-size", "16"]
     main([*args, "--num-workers", "0", "--warmup", "1", "--batches", "2"])
     lines = capsys.readouterr().out.splitlines()
     rows = [json.loads(line) for line in lines[:2]]
     assert [row["ratio"] for row in rows][0] == 1.0 and rows[1]["images_per_second"] > 0
     assert rows[1]["ratio"] == pytest.approx(rows[1]["images_per_second"] / rows[0]["images_per_second"], rel=0.01)
-    assert "| pipeline | images/s | ratio |" in lines
+    assert "| pipeline | images/s | per worker | ratio |" in lines

@@ -43,8 +43,9 @@ def test_cifar_recipes_have_the_settings_of_the_original_experiment(name):
         "betas": [0.9, 0.999],
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
+        "momentum_dtype": "bfloat16",  # vit_jax's config.optim_dtype
     }
-    assert recipe["schedule"] == {"name": "cosine", "warmup_steps": 500, "total_steps": 10000}
+    assert recipe["schedule"] == {"name": "cosine", "warmup_steps": 500, "total_steps": 10000, "linear_end": 1e-5}
     assert recipe["train"]["global_batch_size"] == 512 and recipe["train"]["eval_every"] == 100
     assert recipe["train"]["seed"] == 42
     assert recipe["data"]["train_split"] == "train[:98%]" and recipe["data"]["eval_split"] == "train[98%:]"

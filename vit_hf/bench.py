@@ -5,14 +5,16 @@
     python -m vit_hf.bench --model ViT-B_16 --image-size 224 --micro-batch 256 --precision bf16 --compile \
         --compare-trainer --steps 30
     python -m vit_hf.bench --recipe recipes/cifar10.json --set train.micro_batch_size=128
+    python -m vit_hf.bench --model ViT-B_16 --layers 2 --image-size 224 --micro-batch 16 --momentum-dtype bfloat16 \
+        --gradient-checkpointing
 
 The loop is measured by running `vit_hf.finetune.run` itself (eval and test off) and timing the updates after warm-up
 from its own logs, so the figure is the loop's real speed. `--compare-trainer` trains the same model, data, batch,
 optimizer and precision with `transformers.Trainer`, fed as the transformers image-classification example feeds it:
 per-image random resized crop and flip in PIL in the workers (`vit_hf.bench_data.example_loader`), whatever else the
-recipe's augment asks for. Each case runs in a fresh process, so peak memory and compile caches are its own. Without
-`--recipe` the data is CIFAR-10 from ../shared and the model a from-scratch ViT: no network is needed. Prints one
-JSON line a case, then a Markdown table.
+recipe's augment asks for. Each case runs in a fresh process, so peak memory (CUDA's peak allocation, or on a CPU the
+process's peak RSS) and compile caches are its own. Without `--recipe` the data is the Hub's CIFAR-10 (or
+`--set data.dataset=...`) and the model a from-scratch ViT. Prints one JSON line a case, then a Markdown table.
 """
 
 import argparse
@@ -29,15 +31,17 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig
 
-from vit_hf.bench_data import DEFAULT_PARQUET, example_loader, images_per_second
+from vit_hf.bench_data import example_loader, images_per_second
 from vit_hf.data import load_splits, make_loader
 from vit_hf.errors import UserError, cli_entry
-from vit_hf.finetune import TrainInputs, make_optimizer, make_schedule, run
+from vit_hf.finetune import run
+from vit_hf.inputs import TrainInputs
 from vit_hf.model import VIT_BASE, build_model
+from vit_hf.optim import make_optimizer, make_schedule
 from vit_hf.recipe import load_recipe, resolve_recipe
+from vit_hf.run_log import TRAIN_LOG
 
 # From-scratch shapes of the paper's models (and a tiny one for CPUs): their speed needs no checkpoint.
 MODELS = {
@@ -86,6 +90,10 @@ def bench_recipe(args: argparse.Namespace) -> dict:
         overrides.append(f"train.mixed_precision={args.precision}")
     if args.compile:
         overrides.append("train.compile=true")
+    if args.momentum_dtype:
+        overrides.append(f"optim.momentum_dtype={args.momentum_dtype}")
+    if args.gradient_checkpointing:
+        overrides.append("train.gradient_checkpointing=true")
     total = args.warmup + args.steps
     # No eval, no test, no checkpoint before the end.
     overrides += [*args.set, "data.eval_split=null", "data.test_split=null", "schedule.warmup_steps=0"]
@@ -93,7 +101,7 @@ def bench_recipe(args: argparse.Namespace) -> dict:
     if args.recipe:
         recipe = load_recipe(args.recipe, overrides)
     else:
-        data = {"dataset": {"path": "parquet", "data_files": {"train": str(DEFAULT_PARQUET)}}, "train_split": "train"}
+        data = {"dataset": "cifar10", "train_split": "train"}
         recipe = resolve_recipe({"model": {"pretrained": None}, "data": data}, overrides)
     if args.layers and recipe["model"]["pretrained"] is not None:
         raise UserError("--layers: only a from-scratch model (--model, or model.pretrained null) has a layer count")
@@ -113,17 +121,17 @@ def bench_recipe(args: argparse.Namespace) -> dict:
 def loop_case(recipe: dict, warmup: int, steps: int) -> dict:
     """`finetune.run` for warmup + steps updates; images/s over the updates after warm-up.
 
-    The loop logs every `train.log_every` updates, after a host synchronisation (`_Window.reduce`): the wall times
-    of its TensorBoard logs at update `warmup` and at the last update bound the timed updates, on any device, with
-    the loop's own logging cost and nothing else added.
+    The loop logs every `train.log_every` updates, after a host synchronisation (`UpdateWindow.reduce`): the wall
+    times its train_log.jsonl records at update `warmup` and at the last update bound the timed updates, on any
+    device, with the loop's own logging cost and nothing else added.
     """
     with tempfile.TemporaryDirectory() as out:
         run(resolve_recipe(recipe, [f"output.dir={out}"]))
-        events = EventAccumulator(str(Path(out) / "runs"), size_guidance={"scalars": 0})
-        events.Reload()
+        rows = [json.loads(line) for line in (Path(out) / TRAIN_LOG).read_text().splitlines()]
         config = ViTConfig.from_pretrained(out)
-    ends = {event.step: event.wall_time for event in events.Scalars("train/images_per_second")}
-    waits = [event.value for event in events.Scalars("train/data_wait_share") if event.step > warmup]
+    windows = [row for row in rows if "time" in row]  # the last update of each log window
+    ends = {row["step"]: row["time"] for row in windows}
+    waits = [row["data_wait_share"] for row in windows if row["step"] > warmup]
     seconds = ends[warmup + steps] - ends[warmup]
     device = _device()
     memory = _peak_memory_gib(device)  # before the input pipeline runs alone
@@ -183,6 +191,8 @@ def trainer_case(recipe: dict, warmup: int, steps: int) -> dict:
             bf16=train["mixed_precision"] == "bf16",
             fp16=train["mixed_precision"] == "fp16",
             torch_compile=train["compile"],
+            activation_checkpointing=train["gradient_checkpointing"],
+            activation_checkpointing_kwargs={"use_reentrant": False},  # as the loop
             dataloader_num_workers=data["num_workers"],
             remove_unused_columns=False,  # the collate needs the image and label columns
             eval_strategy="no",
@@ -223,7 +233,9 @@ def _batches(warmup: int, steps: int) -> argparse.Namespace:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    return {
+        key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()
+    }
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -275,6 +287,8 @@ def _row(name: str, result: dict, recipe: dict, args: argparse.Namespace) -> dic
         "global_batch": train["global_batch_size"],
         "precision": train["mixed_precision"],
         "compile": train["compile"],
+        "gradient_checkpointing": train["gradient_checkpointing"],
+        "momentum_dtype": recipe["optim"]["momentum_dtype"],
         "num_workers": recipe["data"]["num_workers"],
         "warmup_steps": args.warmup,
         "steps": args.steps,
@@ -314,7 +328,7 @@ def _positive(text: str) -> int:
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vit_hf.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", help="a JSON recipe (default: CIFAR-10 from ../shared, a from-scratch ViT-B/16)")
+    parser.add_argument("--recipe", help="a JSON recipe (default: the Hub's CIFAR-10, a from-scratch ViT-B/16)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a field")
     parser.add_argument("--model", choices=list(MODELS), help="a from-scratch model of this shape")
     parser.add_argument("--layers", type=_positive, help="keep only this many transformer layers")
@@ -322,6 +336,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch", type=_positive, help="the micro-batch and the global batch (no accumulation)")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
+    parser.add_argument(
+        "--momentum-dtype", choices=["float32", "bfloat16"], help="SGD's momentum (optim.momentum_dtype)"
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations (train.gradient_checkpointing)"
+    )
     parser.add_argument("--steps", type=_positive, default=30, help="timed optimizer updates, a multiple of log_every")
     parser.add_argument(
         "--warmup", type=_positive, default=10, help="updates before the timing, a multiple of log_every"
