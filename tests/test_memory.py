@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from launch import run_module
-from test_finetune import losses, tiny_recipe, write_recipe
+from test_finetune import losses, tiny_recipe, weights, write_recipe
 from transformers import ViTForImageClassification
 
 from vit_hf.finetune import run
@@ -95,3 +95,19 @@ def test_two_processes_agree_on_the_size_that_fits_on_both(cifar10_dir, tmp_path
     results = json.loads((out / "results.json").read_text())
     assert results["micro_batch_size"] == 4 and results["accumulation_steps"] == 4 and results["num_processes"] == 2
     assert "micro-batch 4 x 4 accumulation steps (auto)" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_reaches_the_weights_of_the_run_without_it(cifar10_dir, tmp_path):
+    sections = {"data": {"eval_split": None, "test_split": None, "augment": {"crop_scale": [0.5, 1.0]}}}
+    plain = resolve_recipe(tiny_recipe(cifar10_dir, tmp_path / "plain", **sections))
+    checkpointed = resolve_recipe(
+        tiny_recipe(cifar10_dir, tmp_path / "ckpt", train={"gradient_checkpointing": True}, **sections)
+    )
+    run(plain)
+    run(checkpointed)
+
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+    a, b = weights(tmp_path / "plain" / "checkpoints" / "step_6"), weights(tmp_path / "ckpt" / "checkpoints" / "step_6")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)

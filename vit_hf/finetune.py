@@ -44,6 +44,7 @@ from vit_hf.export import MODEL_FILES, load_model_dir, save_model_dir
 from vit_hf.files import atomic_files_into, write_json
 from vit_hf.hub import push_to_hub, write_model_card
 from vit_hf.inputs import TrainInputs
+from vit_hf.lora import add_lora, exportable
 from vit_hf.memory import find_micro_batch
 from vit_hf.model import build_model
 from vit_hf.optim import make_optimizer, make_schedule
@@ -85,13 +86,15 @@ class FineTune:
         with accelerator.local_main_process_first():  # downloads land in a cache local to each machine
             self.splits = load_splits(recipe["data"], seed=self.cfg["seed"])
             model = build_model(recipe["model"], self.splits.class_names)
+        if recipe["model"]["lora"] is not None:  # before stochastic depth: its hooks go on the adapted layers
+            model = add_lora(model, recipe["model"]["lora"])
         self.auto_micro_batch = self.cfg["micro_batch_size"] == "auto"
         if self.auto_micro_batch:
             self._choose_micro_batch(model, resume_path)
         if recipe["model"]["drop_path"]:
             add_stochastic_depth(model, recipe["model"]["drop_path"])
         if self.cfg["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         train_loader, self.eval_loaders = self._make_loaders()
         optimizer = make_optimizer(model, recipe["optim"])
         scheduler = make_schedule(optimizer, recipe["schedule"])
@@ -112,7 +115,7 @@ class FineTune:
         self.inputs = TrainInputs(recipe, len(self.splits.class_names), generator)
         self.checkpointer = Checkpointer(accelerator, self.out / "checkpoints", self.cfg["keep_checkpoints"], generator)
         if resume_path is not None:
-            self.checkpointer.resume(resume_path)
+            self.checkpointer.resume(resume_path, self.progress, recipe, len(train_loader))
             accelerator.print(f"resumed from {resume_path} at step {self.progress.step}")
         self.last_saved = self.progress.step if resume_path is not None else -1
         self.first_step = self.progress.step
@@ -185,16 +188,23 @@ class FineTune:
         }
 
     def _micro_batches(self, loader):
-        """An endless stream of this process's micro-batches, resumable mid-epoch from `progress`."""
+        """An endless stream of this process's micro-batches, resumable mid-epoch from `progress`.
+
+        Process i takes micro-batches i, i + n, ... of the epoch's order: a micro-batch on each process is one stretch
+        of the global sample stream, counted in `samples_in_epoch` too, which another process count can continue.
+        """
         progress = self.progress
+        batch_samples = self.cfg["micro_batch_size"] * self.accelerator.num_processes
+        progress.epoch_samples = len(loader) * batch_samples
         while True:
             loader.set_epoch(progress.epoch)  # the shuffle of epoch e depends on (seed, e) only
             skip = progress.batches_in_epoch
             for batch in self.accelerator.skip_first_batches(loader, skip) if skip else loader:
                 progress.batches_in_epoch += 1
+                progress.samples_in_epoch += batch_samples
                 yield batch
             progress.epoch += 1
-            progress.batches_in_epoch = 0
+            progress.batches_in_epoch = progress.samples_in_epoch = 0
 
     # ---- Train ---------------------------------------------------------------------------------------------
 
@@ -300,8 +310,10 @@ class FineTune:
         """The training weights (gathered: a collective under FSDP, every process takes part), or their average."""
         accelerator = self.accelerator
         state = None if ema else accelerator.get_state_dict(self.model)
+        state = state and {key.removeprefix("_orig_mod."): value for key, value in state.items()}  # train.compile
         if accelerator.is_main_process:
             model = self.ema.model if ema else accelerator.unwrap_model(self.model)
+            model, state = exportable(model, state)  # LoRA merged: the model folder needs no peft
             save_model_dir(model, folder, state_dict=state)
         accelerator.wait_for_everyone()
 
@@ -349,8 +361,11 @@ class FineTune:
     def _results(self) -> dict:
         progress, cfg, has_eval = self.progress, self.cfg, "eval" in self.eval_loaders
         updates = progress.step - self.first_step  # this session's: a resumed run did the others earlier
+        parameters = list(self.accelerator.unwrap_model(self.model).parameters())
         return {
             "step": progress.step,
+            "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
+            "total_parameters": sum(p.numel() for p in parameters),
             "best_step": progress.best_step if has_eval else progress.step,
             "exported_weights": "ema average" if has_eval and progress.best_weights == "ema" else "trained",
             **{f"{split}_{key}": None for split in ("eval", "test") for key in ("accuracy", "loss")},
