@@ -110,6 +110,43 @@ def test_sgd_has_no_weight_decay_on_biases_norms_and_embeddings(momentum_dtype):
     assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(NO_DECAY)
 
 
+def test_layer_decay_gives_each_depth_base_lr_times_decay_to_its_distance_from_the_head():
+    config = ViTConfig(image_size=32, num_labels=3, **(ONE_LAYER_VIT | {"num_hidden_layers": 2}))
+    model = ViTForImageClassification(config)
+    optimizer = make_optimizer(model, sgd(lr=0.1, weight_decay=0.01, layer_decay=0.5))
+    names = {id(param): name for name, param in model.named_parameters()}
+    lr = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    weight_decay = {names[id(p)]: group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    # Two layers: the head and final norm at depth 3 (full rate), layer 1 at 2, layer 0 at 1, embeddings at 0.
+    expected = {
+        "classifier.weight": 0.1,
+        "vit.layernorm.weight": 0.1,
+        "vit.layers.1.mlp.fc1.weight": 0.05,
+        "vit.layers.1.attention.q_proj.bias": 0.05,
+        "vit.layers.0.mlp.fc2.weight": 0.025,
+        "vit.embeddings.cls_token": 0.0125,
+        "vit.embeddings.position_embeddings": 0.0125,
+        "vit.embeddings.patch_embeddings.projection.weight": 0.0125,
+    }
+    for name, value in expected.items():
+        assert lr[name] == pytest.approx(value), name
+    assert weight_decay["vit.layers.0.mlp.fc2.weight"] == 0.01 and weight_decay["vit.embeddings.cls_token"] == 0.0
+    assert len(lr) == len(list(model.parameters()))
+    # Composed with the schedule: every group follows the same factor of its own rate.
+    schedule = make_schedule(
+        optimizer, resolve_recipe({"schedule": {"warmup_steps": 2, "total_steps": 10}})["schedule"]
+    )
+    schedule.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx(
+        [group["initial_lr"] * 0.5 for group in optimizer.param_groups]
+    )
+
+
+def test_a_layer_decay_outside_0_1_is_one_line_naming_the_field():
+    with pytest.raises(UserError, match=r"^optim.layer_decay: must be in \(0, 1\] or null, got 1.5$"):
+        resolve_recipe({"optim": {"layer_decay": 1.5}})
+
+
 # --- bfloat16 momentum ---------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import torch
 
@@ -10,15 +11,34 @@ import torch
 NO_DECAY_SUFFIXES = ("position_embeddings", "cls_token")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: the kernels with WEIGHT_DECAY; biases, norms and embeddings without."""
-    decay, no_decay = [], []
+def layer_id(name: str, num_layers: int) -> int:
+    """A parameter's depth for layer-wise decay: 0 the embeddings, 1..L the transformer layers, L + 1 the rest
+    (final norm and head), as BEiT and MAE number them."""
+    if "embeddings" in name:
+        return 0
+    found = re.search(r"\.layers?\.(\d+)\.", name)
+    return int(found.group(1)) + 1 if found else num_layers + 1
+
+
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float, base_lr: float, layer_decay: float | None = None
+) -> list[dict]:
+    """The trainable parameters in groups: kernels with WEIGHT_DECAY, biases, norms and embeddings without; with
+    LAYER_DECAY, also by depth, a group at depth d having the learning rate base_lr * layer_decay ** (L + 1 - d)."""
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", 0)
+    groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES)
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        depth = layer_id(name, num_layers) if layer_decay is not None else num_layers + 1
+        scale = layer_decay ** (num_layers + 1 - depth) if layer_decay is not None else 1.0
+        group = groups.setdefault(
+            (depth, exempt), {"params": [], "weight_decay": 0.0 if exempt else weight_decay, "lr": base_lr * scale}
+        )
+        group["params"].append(param)
+    # Kernels first, then the exempt: without layer decay, the two groups of the official recipe in that order.
+    return [groups[key] for key in sorted(groups, key=lambda key: (key[1], key[0]))]
 
 
 class BFloat16MomentumSGD(torch.optim.Optimizer):
@@ -86,7 +106,7 @@ def make_optimizer(model: torch.nn.Module, optim: dict) -> torch.optim.Optimizer
 
     SGD keeps its momentum in `optim.momentum_dtype`: float32 is torch.optim.SGD itself, bfloat16 the official default.
     """
-    groups = parameter_groups(model, optim["weight_decay"])
+    groups = parameter_groups(model, optim["weight_decay"], optim["lr"], optim["layer_decay"])
     fused = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
     sgd = {"lr": optim["lr"], "momentum": optim["momentum"], "nesterov": optim["nesterov"]}
     if optim["name"] == "adamw":
