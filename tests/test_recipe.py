@@ -44,6 +44,7 @@ def test_cifar_recipes_have_the_settings_of_the_original_experiment(name):
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
         "momentum_dtype": "bfloat16",  # vit_jax's config.optim_dtype
+        "layer_decay": None,
     }
     assert recipe["schedule"] == {"name": "cosine", "warmup_steps": 500, "total_steps": 10000, "linear_end": 1e-5}
     assert recipe["train"]["global_batch_size"] == 512 and recipe["train"]["eval_every"] == 100

@@ -180,6 +180,21 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds / 60:.1f} min"
 
 
+def _trained_parameters_lines(recipe: dict, results: dict) -> list[str]:
+    """How many weights trained: all, or LoRA's adapters and head (none for a run from before the count)."""
+    trained, total = results.get("trainable_parameters"), results.get("total_parameters")
+    if not trained:
+        return []
+    share = f"{trained:,} of {total:,} parameters trained ({trained / total:.2%})"
+    lora = recipe["model"].get("lora")
+    if lora is None:
+        return [f"- {share}."]
+    return [
+        f"- LoRA (r {lora['r']}, alpha {lora['alpha']}, on {', '.join(lora['target_modules'])}): {share}, the "
+        "adapters and the new head; the exported weights have the adapters merged in, so loading needs no peft."
+    ]
+
+
 def _card_text(recipe: dict, results: dict, model_id: str | None, curves: bool) -> str:
     """The markdown body of the card (everything below the metadata)."""
     data, name, dataset = recipe["data"], recipe["name"], results["dataset"]
@@ -225,12 +240,13 @@ def _card_text(recipe: dict, results: dict, model_id: str | None, curves: bool) 
         ),
         *(
             [
-                f"- Exported weights: their moving average (`train.ema_decay` {recipe['train']['ema_decay']}), which was "
-                "better on minival than the trained weights."
+                f"- Exported weights: their moving average (`train.ema_decay` {recipe['train']['ema_decay']}), "
+                "which was better on minival than the trained weights."
             ]
             if results.get("exported_weights") == "ema average"
             else []
         ),
+        *_trained_parameters_lines(recipe, results),
         f"- {results['step']:,} optimizer steps of {recipe['train']['global_batch_size']} images: "
         f"{results['images_seen']:,} training images seen.",
         f"- Hardware: {results['hardware']} ({processes} process{'es' if processes != 1 else ''}), mixed precision "

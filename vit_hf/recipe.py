@@ -46,6 +46,16 @@ AUGMENT = {
     "switch_prob": _f(NUMBER, 0.5),
 }
 
+# LoRA (vit_hf.lora): low-rank adapters on these Linear layers of transformers 5's ViTLayer, checked as a section.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+LORA = {
+    "r": _f(int, 8, positive=True),
+    "alpha": _f(NUMBER, 16, positive=True),
+    "dropout": _f(NUMBER, 0.0),
+    # The query and value projections, as the LoRA paper adapts.
+    "target_modules": _f(list, ["q_proj", "v_proj"]),
+}
+
 SCHEMA: dict[str, Any] = {
     "name": _f(str, "run"),
     "description": _f(str, ""),
@@ -56,6 +66,8 @@ SCHEMA: dict[str, Any] = {
         # Stochastic depth: the rate of the last block, rising linearly from 0 at the first (vit_hf.stochastic_depth).
         "drop_path": _f(NUMBER, 0.0),
         "config": _f(dict, {}),
+        # LoRA fine-tuning: an object of LORA's fields (those left out take their defaults); null trains every weight.
+        "lora": _f((dict, NONE), None),
     },
     "data": {
         "dataset": _f((str, dict), "cifar10"),
@@ -79,6 +91,8 @@ SCHEMA: dict[str, Any] = {
         "betas": _f(list, [0.9, 0.999]),
         "weight_decay": _f(NUMBER, 0.0),
         "max_grad_norm": _f((*NUMBER, NONE), 1.0),
+        # Layer-wise learning-rate decay (BEiT, MAE): each layer below the head at layer_decay times the one above.
+        "layer_decay": _f((*NUMBER, NONE), None),
         # SGD's momentum buffers; vit_jax keeps them in bfloat16 (config.optim_dtype), half the memory of float32.
         "momentum_dtype": _f(str, "float32", choices=("float32", "bfloat16")),
     },
@@ -194,7 +208,11 @@ def _check_combinations(recipe: dict) -> None:
         raise UserError(f"train.label_smoothing: must be in [0, 1), got {train['label_smoothing']}")
     if not 0 <= recipe["model"]["drop_path"] < 1:
         raise UserError(f"model.drop_path: must be in [0, 1), got {recipe['model']['drop_path']}")
+    if recipe["model"]["lora"] is not None:
+        recipe["model"]["lora"] = _check_lora(recipe["model"])
     _check_trackers(train["report_to"])
+    if optim["layer_decay"] is not None and not 0 < optim["layer_decay"] <= 1:
+        raise UserError(f"optim.layer_decay: must be in (0, 1] or null, got {optim['layer_decay']}")
     if train["ema_decay"] is not None and not 0 < train["ema_decay"] < 1:
         raise UserError(f"train.ema_decay: must be in (0, 1) or null, got {train['ema_decay']}")
     augment = data["augment"]
@@ -220,6 +238,25 @@ def _check_combinations(recipe: dict) -> None:
     patch = recipe["model"]["config"].get("patch_size")
     if recipe["model"]["pretrained"] is None and patch and recipe["model"]["image_size"] % patch:
         raise UserError(f"model.image_size: {recipe['model']['image_size']} is not divisible by the patch {patch}")
+
+
+def _check_lora(model: dict) -> dict:
+    """The `model.lora` section checked and completed with its defaults."""
+    lora = _resolve(model["lora"], LORA, "model.lora")
+    if model["pretrained"] is None:
+        raise UserError("model.lora: adapters fine-tune a pretrained model, and model.pretrained is null")
+    if not 0 <= lora["dropout"] < 1:
+        raise UserError(f"model.lora.dropout: must be in [0, 1), got {lora['dropout']}")
+    targets = lora["target_modules"]
+    if not targets:
+        raise UserError(f"model.lora.target_modules: name at least one of {', '.join(LORA_TARGETS)}")
+    for name in targets:
+        if name not in LORA_TARGETS:
+            raise UserError(
+                f"model.lora.target_modules: {json.dumps(name)} is not a Linear layer of transformers' ViTLayer "
+                f"({', '.join(LORA_TARGETS)})"
+            )
+    return lora
 
 
 def _check_trackers(report_to: list) -> None:
