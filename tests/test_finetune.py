@@ -3,6 +3,8 @@
 import io
 import json
 import math
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,9 +18,11 @@ import torch
 from launch import offline_env, run_module
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import ViTConfig, ViTForImageClassification, pipeline
+from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification, pipeline
 
-from vit_hf.finetune import make_optimizer, make_schedule
+from vit_hf.finetune import FineTune, run
 from vit_hf.recipe import resolve_recipe
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -79,42 +83,43 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
+def train_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def run_here(recipe: dict) -> dict:
+    """The loop in this process, without TensorBoard: no process start-up of its own, for tests not about the CLI."""
+    return run(resolve_recipe(recipe | {"train": recipe["train"] | {"report_to": []}}))
+
+
+def assert_lr_is_warmup_then_cosine(out: Path, base: float, warmup: int, total: int) -> None:
+    """Every update's logged lr is the one it used: update s (1-based) runs at the schedule of s - 1 updates done,
+    linear from 0 over the warmup, then cosine to 0 at `total` (vit_jax's create_learning_rate_schedule)."""
+    rows = train_rows(out)
+    assert [row["step"] for row in rows] == list(range(1, total + 1))
+    for row in rows:
+        done = row["step"] - 1
+        if done < warmup:
+            expected = base * done / warmup
+        else:
+            expected = base * 0.5 * (1 + math.cos(math.pi * (done - warmup) / (total - warmup)))
+        assert row["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-12), row
+
+
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "model.safetensors")
+
+
+def loaded_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """A model folder's weights as `from_pretrained` loads them, under the module's names (a checkpoint's, not the
+    legacy names `save_pretrained` writes)."""
+    return ViTForImageClassification.from_pretrained(model_dir).state_dict()
 
 
 def assert_same_weights(a: dict, b: dict, atol: float) -> None:
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
-
-
-# --- the schedule --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["cosine", "linear"])
-def test_schedule_is_the_official_formula_of_the_update_count(name):
-    base, warmup, total = 0.03, 50, 400
-    model = torch.nn.Linear(2, 2)
-    optimizer = make_optimizer(model, resolve_recipe({})["optim"] | {"lr": base})
-    scheduler = make_schedule(optimizer, {"name": name, "warmup_steps": warmup, "total_steps": total})
-    for step in range(total + 1):
-        # vit_jax.utils.create_learning_rate_schedule, with decay to zero.
-        progress = min(max((step - warmup) / (total - warmup), 0.0), 1.0)
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if name == "cosine" else 1 - progress
-        expected = base * decay * min(1.0, step / warmup)
-        assert scheduler.get_last_lr()[0] == pytest.approx(expected, abs=1e-12), step
-        optimizer.step()
-        scheduler.step()
-
-
-def test_sgd_has_no_weight_decay_on_biases_norms_and_embeddings():
-    model = ViTForImageClassification(ViTConfig(image_size=32, num_labels=3, **TINY_VIT))
-    optimizer = make_optimizer(model, resolve_recipe({})["optim"] | {"weight_decay": 0.1})
-    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
-    for name, param in model.named_parameters():
-        exempt = param.ndim <= 1 or "position_embeddings" in name or "cls_token" in name
-        assert (id(param) not in decayed) == exempt, name
 
 
 # --- the loop, end to end ------------------------------------------------------------------------------
@@ -155,6 +160,7 @@ def test_accumulating_4_micro_batches_of_8_equals_one_batch_of_32(reference_run,
     assert_same_weights(
         weights(out / "checkpoints" / "step_6"), weights(reference_run / "checkpoints" / "step_6"), 1e-5
     )
+    assert_lr_is_warmup_then_cosine(out, base=0.05, warmup=2, total=6)
 
 
 @pytest.mark.slow
@@ -172,6 +178,7 @@ def test_two_processes_give_the_loss_trace_of_one_and_count_eval_samples_once(re
     assert_same_weights(
         weights(out / "checkpoints" / "step_6"), weights(reference_run / "checkpoints" / "step_6"), 1e-5
     )
+    assert_lr_is_warmup_then_cosine(out, base=0.05, warmup=2, total=6)
 
 
 @pytest.mark.slow
@@ -211,6 +218,41 @@ def test_resume_after_sigkill_reaches_the_weights_and_losses_of_an_unbroken_run(
     assert_same_weights(
         weights(broken / "checkpoints" / "step_40"), weights(unbroken / "checkpoints" / "step_40"), 1e-6
     )
+
+
+@pytest.mark.slow
+def test_two_processes_resume_mid_epoch_2_to_the_weights_and_losses_of_an_unbroken_run(cifar10_dir, tmp_path):
+    # 168 rows in micro-batches of 16 (drop_last): 10 a epoch, 5 for each of 2 processes; an update is 2 of them
+    # on each (global batch 64), so updates 3 and 8 span two epochs, and the checkpoint after update 6 (12 micro-batches
+    # a process) lies in epoch 2 after its first 2. Dropout and augmentation draw from every random stream.
+    # Augmentation and dropout draw from one stream per process, so only as many processes as wrote the checkpoint
+    # can continue it exactly: the unbroken run is the two-process one.
+    sections = {
+        "model": {"dropout": 0.1},
+        "data": {
+            "train_split": "train[:168]",
+            "eval_split": None,
+            "test_split": None,
+            "augment": {"crop_scale": [0.3, 1.0], "hflip": True, "mixup_alpha": 0.8},
+        },
+        "train": {"global_batch_size": 64, "micro_batch_size": 16, "save_every": 3, "log_every": 1, "report_to": []},
+        "schedule": {"name": "cosine", "warmup_steps": 2, "total_steps": 9},
+    }
+    unbroken = tmp_path / "unbroken"
+    result = finetune(write_recipe(tmp_path, tiny_recipe(cifar10_dir, unbroken, **sections), "a.json"), processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    progress = torch.load(unbroken / "checkpoints" / "step_6" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert (progress["step"], progress["epoch"], progress["batches_in_epoch"]) == (6, 2, 2)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(unbroken / "checkpoints" / "step_6", resumed / "checkpoints" / "step_6")
+    recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, resumed, **sections), "b.json")
+    result = finetune(recipe, "--resume", "auto", processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 6" in result.stdout + result.stderr
+    assert [row["step"] for row in train_rows(resumed)] == [7, 8, 9]
+    assert losses(resumed) == pytest.approx(losses(unbroken)[6:], abs=1e-6)
+    assert_same_weights(weights(resumed / "checkpoints" / "step_9"), weights(unbroken / "checkpoints" / "step_9"), 1e-5)
 
 
 @pytest.mark.slow
@@ -254,8 +296,13 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(cifar10
     assert result.returncode == 1
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "NaN or infinite" in error[0] and "Traceback" not in result.stderr
+    failing = int(re.search(r"by step (\d+)", error[0]).group(1))
     saved = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
-    assert saved and (out / "checkpoints" / f"step_{saved[-1]}" / "model.safetensors").is_file()
+    assert saved and saved[-1] < failing
+    last = out / "checkpoints" / f"step_{saved[-1]}"
+    assert str(last) in error[0]  # the line names it
+    for name, tensor in weights(last).items():
+        assert torch.isfinite(tensor).all(), name
     assert not list((out / "checkpoints").glob(".step_*"))
 
 
@@ -264,7 +311,7 @@ def test_bad_recipe_is_one_line_exit_2_before_anything_starts(tmp_path):
     result = finetune(recipe)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f'error: {recipe}: train.micro_batch_size: expected an integer, got "big"'
+        f'error: {recipe}: train.micro_batch_size: expected a positive integer or "auto", got "big"'
     ]
     assert not (tmp_path / "o").exists()
 
@@ -333,29 +380,34 @@ def test_fine_tuning_a_converted_official_checkpoint_serves_cifar_names(cifar10_
         assert all(p["label"] in CIFAR10_CLASSES for p in predictions)
 
 
+FROM_SCRATCH_AUGMENT = {
+    "crop_scale": [0.35, 1.0],
+    "rand_augment": {"num_ops": 2, "magnitude": 9},
+    "random_erasing": 0.25,
+    "mixup_alpha": 0.8,
+    "cutmix_alpha": 1.0,
+}
+
+
 @pytest.mark.slow
-def test_from_scratch_augmentations_run_in_the_loop(cifar10_dir, tmp_path):
-    out = tmp_path / "out"
-    augment = {
-        "crop_scale": [0.35, 1.0],
-        "rand_augment": {"num_ops": 2, "magnitude": 9},
-        "random_erasing": 0.25,
-        "mixup_alpha": 0.8,
-        "cutmix_alpha": 1.0,
-    }
-    recipe = tiny_recipe(
-        cifar10_dir,
-        out,
-        data={"augment": augment, "eval_split": None},
-        optim={"name": "adamw", "lr": 0.001, "weight_decay": 0.05},
-        train={"label_smoothing": 0.1, "log_every": 1},
-    )
-    result = finetune(write_recipe(tmp_path, recipe))
-    assert result.returncode == 0, result.stderr[-3000:]
-    trace = losses(out)
+def test_from_scratch_augmentations_are_seeded_and_change_every_update(cifar10_dir, tmp_path):
+    def recipe(out: Path, augment: dict | None) -> dict:
+        return tiny_recipe(
+            cifar10_dir,
+            out,
+            data={"augment": augment, "eval_split": None, "test_split": None},
+            optim={"name": "adamw", "lr": 0.001, "weight_decay": 0.05},
+            train={"label_smoothing": 0.1, "log_every": 1},
+        )
+
+    for name, augment in (("a", FROM_SCRATCH_AUGMENT), ("b", FROM_SCRATCH_AUGMENT), ("plain", None)):
+        run_here(recipe(tmp_path / name, augment))
+    trace = losses(tmp_path / "a")
     assert len(trace) == 6 and all(math.isfinite(loss) for loss in trace)
-    # Soft targets keep the loss above that of a confident right answer: the smoothed entropy floor.
-    assert min(trace) > 0.1
+    assert losses(tmp_path / "b") == trace  # the same seed: the same draws, bit for bit
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"), atol=0)
+    # The augmentations reach the model: every update saw other inputs than without them.
+    assert all(a != plain for a, plain in zip(trace, losses(tmp_path / "plain"), strict=True))
 
 
 @pytest.mark.slow
@@ -371,3 +423,123 @@ def test_torchrun_with_two_processes_trains_and_counts_eval_samples_once(cifar10
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["num_processes"] == 2 and results["eval_samples"] == 301 and results["step"] == 6
+
+
+# --- what the run keeps and exports --------------------------------------------------------------------
+
+
+def accuracy_of_model_folder(model_dir: Path, parquet: Path, rows: int) -> float:
+    """Top-1 accuracy of a saved model folder on the first ROWS of a CIFAR parquet file, as a user would load it."""
+    table = pq.read_table(parquet).slice(0, rows).to_pylist()
+    images = [Image.open(io.BytesIO(row["img"]["bytes"])).convert("RGB") for row in table]
+    labels = torch.tensor([row["label"] for row in table])
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    model = ViTForImageClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        predictions = model(**processor(images, return_tensors="pt")).logits.argmax(-1)
+    return (predictions == labels).float().mean().item()
+
+
+@pytest.mark.slow
+def test_the_exported_model_is_the_best_on_minival_and_the_test_split_is_scored_with_it(cifar10_dir, tmp_path):
+    out = tmp_path / "out"
+    # A high learning rate and minival after every update: its accuracy goes up and down.
+    recipe = tiny_recipe(
+        cifar10_dir,
+        out,
+        optim={"name": "adamw", "lr": 0.03},
+        schedule={"name": "cosine", "warmup_steps": 1, "total_steps": 8},
+        train={"eval_every": 1, "save_every": 1, "keep_checkpoints": 8, "log_every": 4},
+    )
+    results = run_here(recipe)
+    evals = [
+        row for row in map(json.loads, (out / "eval_log.jsonl").read_text().splitlines()) if row["split"] == "eval"
+    ]
+    best = evals[0]
+    for row in evals[1:]:
+        if row["accuracy"] > best["accuracy"]:  # the first of equal scores is kept
+            best = row
+    # Only then does the test tell the best model from the last.
+    assert best["step"] != 8, "minival is best at the last step: pick a recipe where it is not"
+
+    assert results["best_step"] == best["step"]
+    assert results["eval_accuracy"] == pytest.approx(best["accuracy"], abs=0.5 / 301)  # the same count of 301
+    exported = (out / "model.safetensors").read_bytes()
+    assert exported == (out / "checkpoints" / "best" / "model.safetensors").read_bytes()
+    assert_same_weights(loaded_weights(out), weights(out / "checkpoints" / f"step_{best['step']}"), atol=0)
+
+    independent = accuracy_of_model_folder(out, cifar10_dir / "test.parquet", 200)
+    assert results["test_samples"] == 200
+    assert results["test_accuracy"] == pytest.approx(independent, abs=1 / 200)
+
+
+@pytest.mark.slow
+def test_only_the_last_keep_checkpoints_remain(cifar10_dir, tmp_path):
+    out = tmp_path / "out"
+    sections = {"data": {"eval_split": None, "test_split": None}}
+    run_here(tiny_recipe(cifar10_dir, out, train={"save_every": 1, "keep_checkpoints": 2}, **sections))
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["best", "step_5", "step_6"]
+
+
+# --- fast by construction ------------------------------------------------------------------------------
+
+# Ops that make the host wait for the device on a GPU: a value read back (`.item()`, `float()`, `bool()`, `if t:`) and
+# ops whose output size depends on the data. On a CPU they run all the same, and the profiler records them.
+HOST_SYNC_OPS = {
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_dim",
+}
+
+
+@pytest.mark.slow
+def test_an_update_with_every_augmentation_never_waits_for_the_device(cifar10_dir, tmp_path):
+    recipe = tiny_recipe(
+        cifar10_dir,
+        tmp_path / "out",
+        data={"augment": FROM_SCRATCH_AUGMENT | {"hflip": True}, "eval_split": None, "test_split": None},
+        # 2 micro-batches an update; no log, minival or checkpoint falls in the updates profiled.
+        train={"micro_batch_size": 16, "label_smoothing": 0.1, "report_to": []}
+        | {"log_every": 100, "eval_every": 100, "save_every": 100},
+    )
+    job = FineTune(resolve_recipe(recipe))
+    job.bar = tqdm(disable=True)  # set by `train`, which `update` assumes has started
+    job.model.train()
+    job.update()  # the first update allocates the optimizer state
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=True) as prof:
+        for _ in range(3):
+            job.update()
+    events = prof.events()
+    assert any(event.name == "aten::convolution_backward" for event in events)  # the profiler saw the updates
+    syncs = [
+        f"{event.name} {event.input_shapes} at {[line for line in event.stack if 'site-packages' not in line][:4]}"
+        for event in events
+        if event.name in HOST_SYNC_OPS
+    ]
+    assert syncs == []
+    assert job.progress.step == 4
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_eager_loss_trace_and_exports_loadable_weights(
+    reference_run, cifar10_dir, tmp_path
+):
+    # In a process of its own: Accelerate keeps the first Accelerator's dynamo setting for the whole process.
+    out = tmp_path / "out"
+    recipe = tiny_recipe(cifar10_dir, out, data={"eval_split": None, "test_split": None}, train={"compile": True})
+    result = finetune(write_recipe(tmp_path, recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Inductor fuses and reorders float32 arithmetic: equal within rounding, not bit for bit.
+    assert losses(out) == pytest.approx(losses(reference_run), rel=1e-4)
+    # The exported model (the last, without minival) has the weights of the last checkpoint, under their own names.
+    assert_same_weights(loaded_weights(out), weights(out / "checkpoints" / "step_6"), atol=0)
+
+
+@pytest.mark.slow
+def test_the_vit_forward_compiles_to_one_graph_without_breaks():
+    model = ViTForImageClassification(ViTConfig(image_size=32, num_labels=10, **TINY_VIT)).train()
+    explanation = torch._dynamo.explain(model)(pixel_values=torch.randn(2, 3, 32, 32))
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
