@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from vit_hf.errors import UserError
@@ -71,12 +72,23 @@ def resolve_checkpoint(source: str | os.PathLike, cache: Path | None = None) -> 
 
 
 def download(url: str, cache: Path) -> Path:
-    """Download URL into CACHE once, resuming a partial file, and check that it is a complete zip (npz)."""
+    """Download URL into CACHE once, resuming a partial file, and check that it is a complete zip (npz).
+
+    The processes of a machine share its cache: one downloads under a file lock while the others wait for it.
+    """
     parsed = urlparse(url)
     target = cache / parsed.netloc.replace(":", "_") / parsed.path.lstrip("/")
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(target.name + ".lock")):
+        if not target.is_file():  # else another process downloaded it while this one waited
+            _download_into(url, target)
+    return target
+
+
+def _download_into(url: str, target: Path) -> None:
+    """Fetch URL to TARGET through a `.part` file, retrying and resuming it, then check it."""
     partial = target.with_name(target.name + ".part")
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
@@ -93,7 +105,6 @@ def download(url: str, cache: Path) -> Path:
             logger.warning("download of %s interrupted (%s); resuming (attempt %d)", url, error, attempt + 1)
     _check_complete_zip(partial, url)
     partial.rename(target)
-    return target
 
 
 def _fetch_into(url: str, partial: Path) -> bool:

@@ -35,7 +35,7 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from vit_hf.checkpoint import Checkpointer, Progress, latest_checkpoint, resolve_resume
+from vit_hf.checkpoint import Checkpointer, Progress, latest_checkpoint, resolve_resume, restart_store
 from vit_hf.data import DeviceTransform, load_splits, make_loader
 from vit_hf.ema import WeightAverage
 from vit_hf.errors import RunError, UserError, cli_entry
@@ -142,7 +142,7 @@ class FineTune:
 
     def _make_accelerator(self) -> Accelerator:
         cpu_processes = gloo_on_cpu()
-        processes = PartialState(cpu=cpu_processes).num_processes
+        processes = PartialState(cpu=cpu_processes, **restart_store()).num_processes
         # With "auto", the accumulation is set once the micro-batch is found (`_choose_micro_batch`).
         self.accumulation = 1 if self.cfg["micro_batch_size"] == "auto" else accumulation_steps(self.recipe, processes)
         return Accelerator(
