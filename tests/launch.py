@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 
 def offline_env() -> dict:
     """The environment of a test process: no Hub, one thread a process (two processes share 2 cores)."""
@@ -28,3 +30,13 @@ def run_module(
     return subprocess.run(
         [*command, *args], capture_output=True, text=True, env=offline_env() | (env or {}), timeout=timeout
     )
+
+
+def one_line_error(main, argv: list[str], capsys) -> str:
+    """The stderr of a CLI `main` that must stop with exit code 2 and exactly one `error: ...` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
+    return stderr

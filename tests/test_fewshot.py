@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
 import torch
-from launch import run_module
+from launch import one_line_error, run_module
 from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification
 
@@ -173,12 +173,7 @@ def test_too_many_shots_for_the_rarest_class_are_refused(cifar10_dir):
 
 
 def _error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
-    return stderr
+    return one_line_error(main, argv, capsys)
 
 
 @pytest.mark.parametrize("shots", ["0,5", "1,x", "", "-1", "2.5"])

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from launch import run_module
+from launch import one_line_error, run_module
 from PIL import Image
 from transformers import ViTForImageClassification
 
@@ -140,12 +140,7 @@ def test_recipe_names_the_data_set_and_its_splits(model_dir, cifar10_dir, tmp_pa
 
 
 def _error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
-    return stderr
+    return one_line_error(main, argv, capsys)
 
 
 def test_bad_inputs_are_one_line_errors(model_dir, cifar10_dir, tmp_path, capsys):
