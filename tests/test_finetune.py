@@ -185,9 +185,11 @@ def test_two_processes_give_the_loss_trace_of_one_and_count_eval_samples_once(re
 def test_resume_after_sigkill_reaches_the_weights_and_losses_of_an_unbroken_run(cifar10_dir, tmp_path):
     # 200 rows, micro-batches of 32 (drop_last): 6 a epoch, 3 updates of 64; checkpoints every 2 updates fall
     # mid-epoch. 40 updates leave the kill time to land while the run goes on. Augmentation is on, so the random
-    # crops and flips must continue exactly too.
+    # crops and flips must continue exactly too; the momentum is kept in bfloat16 (the official default) and must
+    # round-trip through the checkpoint as it is.
     sections = {
         "data": {"train_split": "train[:200]", "eval_split": None, "augment": {"crop_scale": [0.3, 1.0]}},
+        "optim": {"momentum_dtype": "bfloat16"},
         "train": {"global_batch_size": 64, "micro_batch_size": 32, "save_every": 2, "log_every": 1},
         "schedule": {"name": "cosine", "warmup_steps": 2, "total_steps": 40},
     }
@@ -218,6 +220,12 @@ def test_resume_after_sigkill_reaches_the_weights_and_losses_of_an_unbroken_run(
     assert_same_weights(
         weights(broken / "checkpoints" / "step_40"), weights(unbroken / "checkpoints" / "step_40"), 1e-6
     )
+    momenta = [
+        torch.load(out / "checkpoints" / "step_40" / "optimizer.bin", weights_only=True)["state"]
+        for out in (broken, unbroken)
+    ]
+    assert {state["momentum_buffer"].dtype for state in momenta[0].values()} == {torch.bfloat16}
+    assert_same_weights(*({k: v["momentum_buffer"] for k, v in state.items()} for state in momenta), 1e-6)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,12 +21,13 @@ import torch
 from launch import offline_env, run_module
 from official_vit import random_params, write_checkpoint
 from test_finetune import TINY_VIT, assert_same_weights, losses, tiny_recipe, weights, write_recipe
+from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
 from vit_hf.checkpoint import resolve_resume
 from vit_hf.errors import UserError
 from vit_hf.export import save_model_dir
-from vit_hf.finetune import run
+from vit_hf.finetune import FineTune, run
 from vit_hf.recipe import resolve_recipe
 
 
@@ -106,6 +108,63 @@ def test_a_restarted_attempt_resumes_the_checkpoints_of_its_job_only(tmp_path, m
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     with pytest.raises(UserError, match="already holds checkpoints"):
         resolve_resume(checkpoints, None)
+
+
+# --- a signal to one process stops all of them after the same update -------------------------------------
+
+# 256 rows, 8 micro-batches of 16 an epoch on 2 processes; no log, minival or checkpoint of its own before step 1000.
+SIGNALLED = {
+    "data": {"train_split": "train[:256]", "eval_split": None, "test_split": None},
+    "train": {"global_batch_size": 32, "micro_batch_size": 16, "save_every": 1000, "log_every": 1000, "report_to": []},
+    "schedule": {"name": "cosine", "warmup_steps": 2, "total_steps": 2000},
+}
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_one_checkpoint_at_the_next_update_that_resumes_exactly(
+    cifar10_dir, tmp_path
+):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, out, **SIGNALLED))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "vit_hf.finetune", str(recipe)]  # fmt: skip
+    with launched(command, tmp_path / "log") as agent:
+        wait_for(lambda: (out / "recipe.json").exists(), agent, "recipe.json")
+        time.sleep(3)  # some updates, far from any log, minival or checkpoint step
+        workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "vit_hf.finetune" in p.cmdline()]
+        assert len(workers) == 2
+        workers[1].terminate()  # SIGTERM to the second process only
+        assert agent.wait(timeout=300) != 0
+    log = (tmp_path / "log").read_text()
+    # The first to exit (128 + SIGTERM) ends the job: the launcher stops the other if it is not gone yet, and raises
+    # its own ChildFailedError; no traceback passes through this project's code.
+    assert re.search(r"exitcode\s*: 143", log) and not re.search(r'File ".*vit_hf', log), log[-3000:]
+    saved = sorted(out.glob("checkpoints/step_*"))
+    assert len(saved) == 1, log[-3000:]
+    step = int(saved[0].name.removeprefix("step_"))
+    assert 0 < step < 1000 and f"stopped at step {step}" in log
+    assert sorted(p.name for p in saved[0].glob("augment_rng_*.pt")) == ["augment_rng_0.pt", "augment_rng_1.pt"]
+
+    # Both processes stopped after the same update: the checkpoint holds the weights of `step` updates, those of
+    # the same updates in one process (the same global batches).
+    job = FineTune(resolve_recipe(tiny_recipe(cifar10_dir, tmp_path / "one", **SIGNALLED)))
+    job.bar = tqdm(disable=True)  # set by `train`, which `update` assumes has started
+    job.model.train()
+    for _ in range(step):
+        job.update()
+    assert_same_weights(job.accelerator.unwrap_model(job.model).state_dict(), weights(saved[0]), 1e-5)
+
+
+def test_bad_input_met_by_both_processes_is_reported_once(cifar10_dir, tmp_path):
+    sections = {"data": {"train_split": "nosuch[:10]"}, "train": {"micro_batch_size": 16}}
+    result = run_module(
+        "vit_hf.finetune", [str(write_recipe(tmp_path, tiny_recipe(cifar10_dir, tmp_path, **sections)))], 2
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "nosuch" in errors[0], result.stderr[-3000:]
+    assert not re.search(r'File ".*vit_hf', result.stderr)  # the launcher's own traceback only
 
 
 # --- resuming on another process count -------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pickle
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import datasets
 import numpy as np
@@ -27,6 +27,9 @@ from torch.utils.data import DataLoader
 
 from vit_hf.errors import UserError
 from vit_hf.recipe import SPLIT_FIELDS, section_defaults
+
+if TYPE_CHECKING:
+    from vit_hf.streaming import StreamSplit
 
 HUB_NAMES = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100"}
 LOCAL_FILES_HINT = (
@@ -55,25 +58,32 @@ CIFAR_LAYOUTS = {
 
 @dataclasses.dataclass
 class DataSplits:
-    """The train, minival and test splits of one data set (None where skipped), and how to read them."""
+    """The train, minival and test splits of one data set (None where skipped), and how to read them.
 
-    train: datasets.Dataset | None
-    eval: datasets.Dataset | None
-    test: datasets.Dataset | None
+    With data.streaming the splits are `vit_hf.streaming.StreamSplit`s (shards of `datasets.IterableDataset`s, no
+    length), read by `vit_hf.streaming.make_stream_loader`.
+    """
+
+    train: "datasets.Dataset | StreamSplit | None"
+    eval: "datasets.Dataset | StreamSplit | None"
+    test: "datasets.Dataset | StreamSplit | None"
     image_column: str
     label_column: str
     class_names: list[str]
     name: str
     train_subset: int | None  # rows of the train split kept by data.examples_per_class; None: all of them
+    streaming: bool = False
 
 
-def load_splits(data: dict, seed: int = 0) -> DataSplits:
+def load_splits(data: dict, seed: int = 0, streaming_ok: bool = False) -> DataSplits:
     """Load the data set of a recipe's `data` section and cut its train, minival and test splits.
 
     With data.examples_per_class K, the train split keeps K rows of each class, drawn with `seed` (the recipe's
-    train.seed).
+    train.seed). With data.streaming (only where the caller reads streams: STREAMING_OK), the splits are streamed.
     """
     data = section_defaults("data") | data
+    if data["streaming"]:
+        return _stream_splits(data, streaming_ok)
     source, name = _load_source(data["dataset"])
     image_column, label_column, class_names = _find_columns(source, data["image_column"], data["label_column"], name)
     splits = {}
@@ -102,8 +112,29 @@ def load_splits(data: dict, seed: int = 0) -> DataSplits:
     )
 
 
-def _load_source(dataset: str | dict) -> tuple[datasets.DatasetDict, str]:
-    """All splits of the data set a recipe names, and a readable name of it."""
+def _stream_splits(data: dict, streaming_ok: bool) -> DataSplits:
+    """`load_splits` of a streamed data set (`vit_hf.streaming`): the splits' shards, nothing read but features."""
+    from vit_hf.streaming import check_stream_features, stream_split
+
+    if not streaming_ok:
+        raise UserError("data.streaming: this command reads whole splits; set data.streaming to false for it")
+    if data["examples_per_class"] is not None:
+        raise UserError("data.examples_per_class: drawing rows of each class needs the whole split, not a stream")
+    source, name = _load_source(data["dataset"], streaming=True)
+    check_stream_features(source, data, name)
+    image_column, label_column, class_names = _find_columns(source, data["image_column"], data["label_column"], name)
+    splits = {
+        split: None if data[field] is None else stream_split(source, data[field], name, field)
+        for split, field in SPLIT_FIELDS.items()
+    }
+    return DataSplits(**splits, image_column=image_column, label_column=label_column, class_names=class_names,
+                      name=name, train_subset=None, streaming=True)  # fmt: skip
+
+
+def _load_source(
+    dataset: str | dict, streaming: bool = False
+) -> tuple[datasets.DatasetDict | datasets.IterableDatasetDict, str]:
+    """All splits of the data set a recipe names (as streams: IterableDatasets), and a readable name of it."""
     if isinstance(dataset, str):
         if dataset not in HUB_NAMES:
             raise UserError(
@@ -112,18 +143,22 @@ def _load_source(dataset: str | dict) -> tuple[datasets.DatasetDict, str]:
             )
         dataset = {"path": HUB_NAMES[dataset]}
     if "cifar_archive" in dataset:
+        if streaming:
+            raise UserError("data.streaming: a CIFAR archive is read whole; point data.dataset at parquet files")
         return _read_cifar_archive(Path(dataset["cifar_archive"])), Path(dataset["cifar_archive"]).name
     name = _source_name(dataset)
+    if "streaming" in dataset:
+        raise UserError(f"data set {name!r}: stream with data.streaming, not a 'streaming' key in data.dataset")
     try:
-        source = datasets.load_dataset(**dataset)
+        source = datasets.load_dataset(**dataset, streaming=streaming)
     except ConnectionError as error:
         raise UserError(f"could not fetch data set {name!r} ({_one_line(error)}); {LOCAL_FILES_HINT}") from error
     except FileNotFoundError as error:
         raise UserError(f"data set {name!r}: {_one_line(error)}") from error
-    if not isinstance(source, datasets.DatasetDict):
+    if not isinstance(source, datasets.IterableDatasetDict if streaming else datasets.DatasetDict):
         raise UserError(
             f"data set {name!r}: load_dataset must return all splits (no 'split' or 'streaming' keys); "
-            "choose splits with train_split, eval_split and test_split"
+            "choose splits with train_split, eval_split and test_split, stream with data.streaming"
         )
     return source, name
 

@@ -21,6 +21,7 @@ mean and standard deviation (numpy's, ddof 0) and the train sample count, and th
 """
 
 import argparse
+import functools
 import math
 from pathlib import Path
 
@@ -149,30 +150,15 @@ def fewshot(
     with accelerator.main_process_first():
         model = load_model(source, recipe["model"]["image_size"], splits.class_names)
     model = model.to(accelerator.device).eval()
-    image_size = model.config.image_size
-
-    def features_of(dataset, bad_images: str) -> dict:
-        loader = make_loader(
-            dataset, splits.image_column, splits.label_column, batch_size, shuffle=False,
-            num_workers=num_workers, bad_images=bad_images, image_size=image_size,
-        )  # fmt: skip
-        return extract_features(model, accelerator.prepare(loader), accelerator)
-
-    # Skipped, not stopped at, so that an undecodable drawn image is reported by its row in the train split.
-    train = features_of(splits.train.select(drawn_rows), "skip")
-    if len(train["index"]) < len(drawn_rows):
-        missing = drawn_rows[np.setdiff1d(np.arange(len(drawn_rows)), train["index"])]
-        raise UserError(
-            f"data.train_split {train_split!r}: the drawn image in row {missing[0]} cannot be decoded "
-            f"({len(missing)} such); the few-shot probe needs every drawn example"
-        )
-    test = features_of(splits.test, data["bad_images"])
+    reader = functools.partial(_features, model, splits, accelerator, batch_size, num_workers)
+    train = _drawn_features(reader, splits.train, drawn_rows, train_split)
+    test = reader(splits.test, data["bad_images"])
     report = {
         "model": source,
         "dataset": data["dataset"],
         "train_split": train_split,
         "eval_split": test_split,
-        "image_size": image_size,
+        "image_size": model.config.image_size,
         "features": "pre-logits: the final LayerNorm's output at the class token",
         "l2_reg": l2_reg,
         "classes": num_classes,
@@ -180,26 +166,54 @@ def fewshot(
         "num_processes": accelerator.num_processes,
         "shots": {},
     }
+    if accelerator.is_main_process:
+        report["shots"] = _shot_accuracies(draws, drawn_rows, train, test, num_classes, l2_reg)
+        path = write_json(out / "fewshot.json", report)
+        print(format_table(report))
+        print(f"wrote {path}")
+    accelerator.wait_for_everyone()
+    return report
+
+
+def _features(model, splits, accelerator: Accelerator, batch_size: int, num_workers: int, dataset, bad_images: str):
+    loader = make_loader(
+        dataset, splits.image_column, splits.label_column, batch_size, shuffle=False,
+        num_workers=num_workers, bad_images=bad_images, image_size=model.config.image_size,
+    )  # fmt: skip
+    return extract_features(model, accelerator.prepare(loader), accelerator)
+
+
+def _drawn_features(reader, train_split, drawn_rows: np.ndarray, expression: str) -> dict:
+    """The features of the drawn train rows; every one of them must decode."""
+    # Skipped, not stopped at, so that an undecodable drawn image is reported by its row in the train split.
+    train = reader(train_split.select(drawn_rows), "skip")
+    if len(train["index"]) < len(drawn_rows):
+        missing = drawn_rows[np.setdiff1d(np.arange(len(drawn_rows)), train["index"])]
+        raise UserError(
+            f"data.train_split {expression!r}: the drawn image in row {missing[0]} cannot be decoded "
+            f"({len(missing)} such); the few-shot probe needs every drawn example"
+        )
+    return train
+
+
+def _shot_accuracies(draws, drawn_rows: np.ndarray, train: dict, test: dict, num_classes: int, l2_reg: float):
+    """For each shot count, the probe's accuracy on each seed's draw, their mean and std."""
 
     def accuracy(rows: np.ndarray) -> float:
         picked = np.searchsorted(drawn_rows, rows)  # drawn_rows is sorted: the positions of ROWS' features
         train_features, train_labels = train["features"][picked], train["labels"][picked]
         return probe_accuracy(train_features, train_labels, test["features"], test["labels"], num_classes, l2_reg)
 
-    if accelerator.is_main_process:
-        for k in shots:
-            accuracies = [accuracy(draw[k]) for draw in draws]
-            report["shots"][str(k)] = {
-                "accuracy": accuracies,
-                "mean": float(np.mean(accuracies)),
-                "std": float(np.std(accuracies)),
-                "train_samples": k * num_classes,
-            }
-        path = write_json(out / "fewshot.json", report)
-        print(format_table(report))
-        print(f"wrote {path}")
-    accelerator.wait_for_everyone()
-    return report
+    results = {}
+    for k in draws[0]:
+        accuracies = [accuracy(draw[k]) for draw in draws]
+        results[str(k)] = {
+            "accuracy": accuracies,
+            "mean": float(np.mean(accuracies)),
+            "std": float(np.std(accuracies)),
+            "train_samples": k * num_classes,
+        }
+    return results
 
 
 def format_table(report: dict) -> str:

@@ -28,11 +28,15 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
     GradientAccumulationPlugin,
     ProjectConfiguration,
     TorchDynamoPlugin,
+    parse_flag_from_env,
     set_seed,
 )
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from vit_hf.checkpoint import Checkpointer, Progress, latest_checkpoint, resolve_resume, restart_store
@@ -51,21 +55,38 @@ from vit_hf.optim import make_optimizer, make_schedule
 from vit_hf.recipe import accumulation_steps, load_recipe
 from vit_hf.run_log import RunLog, UpdateWindow
 from vit_hf.stochastic_depth import add_stochastic_depth
+from vit_hf.streaming import StreamSplit, make_stream_loader
 
 logger = logging.getLogger(__name__)
 
 
 class StopSignals:
-    """SIGTERM and Ctrl-C ask the loop to save and stop at the next update; `restore` gives the handlers back."""
+    """SIGTERM and Ctrl-C ask the loop to save and stop after the current update, on every process; `restore` gives
+    the handlers back.
+
+    A launcher or a scheduler may signal only some of the processes, and each must stop after the same update: the
+    flag travels in a host collective over a gloo group of its own after every update, a few bytes on the network
+    that never wait for the GPU (the training's collectives run on NCCL, its queue is left alone).
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, processes: int) -> None:
         self.signal: int | None = None
+        self._group = torch.distributed.new_group(backend="gloo") if processes > 1 else None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
+
+    def requested(self) -> bool:
+        """Whether any process has been signalled (the same answer on all of them)."""
+        if self._group is None:
+            return self.signal is not None
+        flag = torch.tensor([self.signal or 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        self.signal = self.signal or int(flag) or None
+        return self.signal is not None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -84,7 +105,7 @@ class FineTune:
         resume_path = resolve_resume(self.out / "checkpoints", resume)
         set_seed(self.cfg["seed"])
         with accelerator.local_main_process_first():  # downloads land in a cache local to each machine
-            self.splits = load_splits(recipe["data"], seed=self.cfg["seed"])
+            self.splits = load_splits(recipe["data"], seed=self.cfg["seed"], streaming_ok=True)
             model = build_model(recipe["model"], self.splits.class_names)
         if recipe["model"]["lora"] is not None:  # before stochastic depth: its hooks go on the adapted layers
             model = add_lora(model, recipe["model"]["lora"])
@@ -98,10 +119,13 @@ class FineTune:
         train_loader, self.eval_loaders = self._make_loaders()
         optimizer = make_optimizer(model, recipe["optim"])
         scheduler = make_schedule(optimizer, recipe["schedule"])
-        self.model, self.optimizer, train_loader, self.scheduler = accelerator.prepare(
-            model, optimizer, train_loader, scheduler
-        )
-        self.eval_loaders = {name: accelerator.prepare(loader) for name, loader in self.eval_loaders.items()}
+        if self.splits.streaming:  # streams split themselves across the processes (vit_hf.streaming), unprepared
+            self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        else:
+            self.model, self.optimizer, train_loader, self.scheduler = accelerator.prepare(
+                model, optimizer, train_loader, scheduler
+            )
+            self.eval_loaders = {name: accelerator.prepare(loader) for name, loader in self.eval_loaders.items()}
         self.eval_transform = DeviceTransform(recipe["model"]["image_size"], train=False)
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.progress)
@@ -109,13 +133,16 @@ class FineTune:
         if self.cfg["ema_decay"] is not None:
             self.ema = WeightAverage(accelerator.unwrap_model(self.model), self.cfg["ema_decay"])
             accelerator.register_for_checkpointing(self.ema)
+        if self.splits.streaming:  # every process's stream position (the Progress data counters stay 0)
+            accelerator.register_for_checkpointing(train_loader)
         # The augmentations' own generator on the device, one stream per process, saved in every checkpoint.
         seed = self.cfg["seed"] * 1_000_003 + accelerator.process_index
         generator = torch.Generator(accelerator.device).manual_seed(seed)
         self.inputs = TrainInputs(recipe, len(self.splits.class_names), generator)
         self.checkpointer = Checkpointer(accelerator, self.out / "checkpoints", self.cfg["keep_checkpoints"], generator)
         if resume_path is not None:
-            self.checkpointer.resume(resume_path, self.progress, recipe, len(train_loader))
+            epoch_batches = 0 if self.splits.streaming else len(train_loader)  # a stream has no length
+            self.checkpointer.resume(resume_path, self.progress, recipe, epoch_batches)
             accelerator.print(f"resumed from {resume_path} at step {self.progress.step}")
         self.last_saved = self.progress.step if resume_path is not None else -1
         self.first_step = self.progress.step
@@ -145,7 +172,7 @@ class FineTune:
         processes = PartialState(cpu=cpu_processes, **restart_store()).num_processes
         # With "auto", the accumulation is set once the micro-batch is found (`_choose_micro_batch`).
         self.accumulation = 1 if self.cfg["micro_batch_size"] == "auto" else accumulation_steps(self.recipe, processes)
-        return Accelerator(
+        accelerator = Accelerator(
             cpu=cpu_processes,
             mixed_precision=self.cfg["mixed_precision"],
             # The data is one endless stream, as the official input pipeline: windows may span epochs.
@@ -160,11 +187,30 @@ class FineTune:
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out)),
             dynamo_plugin=TorchDynamoPlugin(backend="inductor") if self.cfg["compile"] else None,
         )
+        if cpu_processes and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            _fsdp_on_cpu(accelerator)
+        if accelerator.distributed_type == DistributedType.FSDP and self.cfg["ema_decay"] is not None:
+            raise UserError(
+                "train.ema_decay: the weight average keeps a whole copy of the model on every process, which FSDP "
+                "exists to avoid: set it to null, or train with DDP"
+            )
+        return accelerator
 
     def _loader(self, dataset, batch_size: int, train: bool):
         """Training batches carry the crop and flip settings: photos larger than the model are cropped in the
-        workers (see `vit_hf.data`); evaluation batches are whole images."""
+        workers (see `vit_hf.data`); evaluation batches are whole images. A streamed split (data.streaming) gets a
+        `StreamLoader` of this process's part: evaluation ones even out the batch counts of the processes."""
         data, augment = self.recipe["data"], self.recipe["data"]["augment"] or {}
+        if self.splits.streaming and isinstance(dataset, StreamSplit):
+            accelerator = self.accelerator
+            return make_stream_loader(
+                dataset, self.splits.image_column, self.splits.label_column, len(self.splits.class_names),
+                batch_size, shuffle=train, seed=self.cfg["seed"], num_workers=data["num_workers"],
+                shuffle_buffer=data["shuffle_buffer"], bad_images=data["bad_images"],
+                image_size=self.recipe["model"]["image_size"], crop_scale=augment.get("crop_scale") if train else None,
+                hflip=train and augment.get("hflip", False), process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes, device=accelerator.device, even=not train,
+            )  # fmt: skip
         return make_loader(
             dataset, self.splits.image_column, self.splits.label_column, batch_size,
             shuffle=train, seed=self.cfg["seed"], num_workers=data["num_workers"], drop_last=train,
@@ -175,7 +221,7 @@ class FineTune:
     def _make_loaders(self) -> tuple:
         splits, processes = self.splits, self.accelerator.num_processes
         train_loader = self._loader(splits.train, self.cfg["micro_batch_size"], train=True)
-        if len(train_loader) < processes:
+        if not splits.streaming and len(train_loader) < processes:  # a stream checks its parts as it reads them
             raise UserError(
                 f"data.train_split: {len(splits.train)} images do not fill one micro-batch of "
                 f"{self.cfg['micro_batch_size']} on each of {processes} processes"
@@ -194,6 +240,12 @@ class FineTune:
         of the global sample stream, counted in `samples_in_epoch` too, which another process count can continue.
         """
         progress = self.progress
+        if self.splits.streaming:
+            # An epoch is one pass over this process's part of the stream; the position is the loader's own state.
+            progress.epoch_samples = 0
+            for batch in loader.endless():
+                progress.epoch = loader.epoch
+                yield batch
         batch_samples = self.cfg["micro_batch_size"] * self.accelerator.num_processes
         progress.epoch_samples = len(loader) * batch_samples
         while True:
@@ -211,7 +263,7 @@ class FineTune:
     def train(self) -> None:
         """Updates until `schedule.total_steps`; a signal saves a checkpoint and exits with 128 + its number."""
         total = self.recipe["schedule"]["total_steps"]
-        self.stop = StopSignals()
+        self.stop = StopSignals(self.accelerator.num_processes)
         self.train_started = time.perf_counter()
         self.model.train()
         bar = tqdm(total=total, initial=self.progress.step, desc="train", disable=not self.accelerator.is_main_process)
@@ -242,7 +294,7 @@ class FineTune:
                 loss = self.inputs.loss(logits, targets)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.max_norm)
+                    window.grad_norm = _local(accelerator.clip_grad_norm_(model.parameters(), self.max_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             window.add_micro(loss.detach(), batch["skipped"])
@@ -261,10 +313,10 @@ class FineTune:
         log_now = step % cfg["log_every"] == 0 or last
         save_now = step % cfg["save_every"] == 0
         eval_now = "eval" in self.eval_loaders and (step % cfg["eval_every"] == 0 or last)
-        stop_requested = self.stop.signal is not None
+        stop_requested = self.stop.requested()
         if not (log_now or save_now or eval_now or stop_requested):
             return
-        report = self.window.reduce(self.accelerator, stop_requested, cfg["global_batch_size"])
+        report = self.window.reduce(self.accelerator, cfg["global_batch_size"])
         self.progress.skipped_images += report["skipped_images"]
         if report["nonfinite"]:
             raise RunError(
@@ -276,12 +328,12 @@ class FineTune:
         self.bar.set_postfix(loss=f"{report['losses'][-1]:.4f}", lr=f"{report['lr']:.2e}", refresh=False)
         if eval_now:
             self.evaluate_and_keep_best()
-        if save_now or report["stop"]:
+        if save_now or stop_requested:
             self.save_checkpoint()
-        if report["stop"]:
+        if stop_requested:
             self.accelerator.end_training()
             self.accelerator.print(f"stopped at step {step}; checkpoint saved; continue with --resume auto")
-            raise SystemExit(128 + (self.stop.signal or signal.SIGTERM))
+            raise SystemExit(128 + self.stop.signal)
 
     def evaluate(self, split: str, model: torch.nn.Module, log_as: str | None = None) -> dict:
         """MODEL on the eval or test split, logged under LOG_AS (default: the split's name)."""
@@ -366,6 +418,9 @@ class FineTune:
             "step": progress.step,
             "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
             "total_parameters": sum(p.numel() for p in parameters),
+            # Under FSDP each process holds a shard: the main process's part of the parameters shows it.
+            "main_process_parameters": sum(_local(p).numel() for p in parameters),
+            "distributed": self.accelerator.distributed_type.value,
             "best_step": progress.best_step if has_eval else progress.step,
             "exported_weights": "ema average" if has_eval and progress.best_weights == "ema" else "trained",
             **{f"{split}_{key}": None for split in ("eval", "test") for key in ("accuracy", "loss")},
@@ -384,10 +439,22 @@ class FineTune:
             "mixed_precision": cfg["mixed_precision"],
             "base_model": self.recipe["model"]["pretrained"],
             "dataset": self.splits.name,
-            "train_examples": len(self.splits.train),
+            "train_examples": None if self.splits.streaming else len(self.splits.train),  # a stream has no length
             "examples_per_class": self.recipe["data"]["examples_per_class"],
             "class_names": self.splits.class_names,
         }
+
+    def _first_images(self, dataset, count: int) -> dict:
+        """The first COUNT images of a split as one evaluation batch, read by the main process alone."""
+        if isinstance(dataset, StreamSplit):
+            data, splits = self.recipe["data"], self.splits
+            loader = make_stream_loader(
+                dataset, splits.image_column, splits.label_column, len(splits.class_names), count, shuffle=False,
+                bad_images=data["bad_images"], image_size=self.recipe["model"]["image_size"],
+            )  # fmt: skip
+            return next(iter(loader))
+        rows = dataset.select(range(min(count, len(dataset))))
+        return next(iter(self._loader(rows, len(rows), train=False)))
 
     def _log_pictures(self, model, count: int = 16) -> None:
         """A grid of predictions and a few attention rollouts of the first test (or minival) images, to TensorBoard.
@@ -403,8 +470,7 @@ class FineTune:
         try:
             from vit_hf.attention import attention_rollout, pixels_to_images, prediction_grid, rollout_figure
 
-            rows = dataset.select(range(min(count, len(dataset))))
-            batch = next(iter(self._loader(rows, len(rows), train=False)))
+            batch = self._first_images(dataset, count)
             pixels = self.eval_transform(batch["pixels"].to(self.accelerator.device))
             with torch.inference_mode():
                 predictions = model(pixel_values=pixels).logits.argmax(-1).cpu()
@@ -419,6 +485,27 @@ class FineTune:
                 writer.add_figure(f"test/attention_rollout_{i}", figure, global_step=0)
         except Exception as error:  # noqa: BLE001 - any failure here must not lose the run's results
             logger.warning("could not draw the prediction pictures: %s", " ".join(str(error).split()))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a (FSDP-sharded or replicated) DTensor; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """FSDP on CPU gloo processes (`accelerate launch --config_file accelerate_configs/fsdp.yaml` without a GPU).
+
+    Accelerate 1.x applies its FSDP plugin on accelerator devices only and runs such a launch as plain DDP on the CPU.
+    Marking its state FSDP (both the process state and the accelerator's) sends `prepare`, `save_state`,
+    `load_state` and `get_state_dict` down the same FSDP2 path as on GPUs: `fully_shard` works on gloo. The plugin
+    reads the launch's FSDP_* settings, as Accelerate's own would.
+    """
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    for state in (PartialState(), accelerator.state):  # AcceleratorState copies the process state's type when built
+        state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def _process_started_perf() -> float:

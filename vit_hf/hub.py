@@ -197,9 +197,8 @@ def _trained_parameters_lines(recipe: dict, results: dict) -> list[str]:
 
 def _card_text(recipe: dict, results: dict, model_id: str | None, curves: bool) -> str:
     """The markdown body of the card (everything below the metadata)."""
-    data, name, dataset = recipe["data"], recipe["name"], results["dataset"]
-    image_size = recipe["model"]["image_size"]
-    processes, classes = results["num_processes"], results["class_names"]
+    name, dataset = recipe["name"], results["dataset"]
+    image_size, classes = recipe["model"]["image_size"], results["class_names"]
     lines = [
         f"# {name}",
         "",
@@ -222,6 +221,29 @@ def _card_text(recipe: dict, results: dict, model_id: str | None, curves: bool) 
         "",
         "## Training",
         "",
+        *_training_lines(recipe, results),
+        "",
+        "### Training curves",
+        "",
+        f"![Loss and accuracy against the step]({CURVES})" if curves else "The run logged no loss or accuracy.",
+        "",
+        "### Hyperparameters",
+        "",
+        "The resolved recipe (`recipe.json` in this repository), every field:",
+        "",
+        "| field | value |",
+        "|---|---|",
+        *(f"| `{key}` | {_cell(value)} |" for key, value in _flatten(recipe)),
+        "",
+        *_usage_lines(name, image_size, model_id),
+    ]
+    return "\n".join(lines)
+
+
+def _training_lines(recipe: dict, results: dict) -> list[str]:
+    """The card's training bullets: base, data, batch, weights, parameters, steps, hardware."""
+    data, dataset, processes = recipe["data"], results["dataset"], results["num_processes"]
+    return [
         f"- Base checkpoint: {_base_model_text(results['base_model'])}.",
         f"- Data: {dataset}; training split `{data['train_split']}`, minival `{data['eval_split']}`, "
         f"test `{data['test_split']}`"
@@ -252,19 +274,11 @@ def _card_text(recipe: dict, results: dict, model_id: str | None, curves: bool) 
         f"- Hardware: {results['hardware']} ({processes} process{'es' if processes != 1 else ''}), mixed precision "
         f"{results['mixed_precision']}; {_duration(results['wall_seconds'])} wall time, "
         f"{results['train_samples_per_second']:,.0f} training images per second.",
-        "",
-        "### Training curves",
-        "",
-        f"![Loss and accuracy against the step]({CURVES})" if curves else "The run logged no loss or accuracy.",
-        "",
-        "### Hyperparameters",
-        "",
-        "The resolved recipe (`recipe.json` in this repository), every field:",
-        "",
-        "| field | value |",
-        "|---|---|",
-        *(f"| `{key}` | {_cell(value)} |" for key, value in _flatten(recipe)),
-        "",
+    ]
+
+
+def _usage_lines(name: str, image_size: int, model_id: str | None) -> list[str]:
+    return [
         "## How to use",
         "",
         "```python",
@@ -278,7 +292,6 @@ def _card_text(recipe: dict, results: dict, model_id: str | None, curves: bool) 
         "as the official ViT code does.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None) -> Path:

@@ -82,6 +82,10 @@ SCHEMA: dict[str, Any] = {
         "augment": (AUGMENT, NONE),
         "num_workers": _f(int, 4),
         "bad_images": _f(str, "stop", choices=("stop", "skip")),
+        # Read the data set as a stream (datasets' IterableDataset, vit_hf.streaming): nothing downloaded whole.
+        "streaming": _f(bool, False),
+        # With streaming: rows of one worker shuffled together (a block of this many rows, in a random order).
+        "shuffle_buffer": _f(int, 1000, positive=True),
     },
     "optim": {
         "name": _f(str, "sgd", choices=("sgd", "adamw")),
@@ -196,6 +200,8 @@ def _check_combinations(recipe: dict) -> None:
         raise UserError("data.train_split: a training run needs a training split")
     if data["num_workers"] < 0:
         raise UserError(f"data.num_workers: must be 0 or more, got {data['num_workers']}")
+    if data["streaming"]:
+        _check_streaming(data)
     if recipe["hub"]["push"] and not recipe["hub"]["model_id"]:
         raise UserError("hub.model_id: hub.push is true, so a model id (user/name) is needed")
     if optim["max_grad_norm"] is not None and optim["max_grad_norm"] <= 0:
@@ -215,29 +221,42 @@ def _check_combinations(recipe: dict) -> None:
         raise UserError(f"optim.layer_decay: must be in (0, 1] or null, got {optim['layer_decay']}")
     if train["ema_decay"] is not None and not 0 < train["ema_decay"] < 1:
         raise UserError(f"train.ema_decay: must be in (0, 1) or null, got {train['ema_decay']}")
-    augment = data["augment"]
-    if augment is not None:
-        scale = augment["crop_scale"]
-        if scale is not None and not (
-            len(scale) == 2 and all(isinstance(s, NUMBER) for s in scale) and 0 < scale[0] <= scale[1] <= 1
-        ):
-            raise UserError(f"data.augment.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {scale}")
-        if augment["rand_augment"] is not None and augment["trivial_augment"]:
-            raise UserError("data.augment.trivial_augment: choose RandAugment or TrivialAugment, not both")
-        rand = augment["rand_augment"]
-        if rand is not None and (set(rand) - {"num_ops", "magnitude"}):
-            raise UserError(
-                f"data.augment.rand_augment: unknown field {sorted(set(rand) - {'num_ops', 'magnitude'})[0]}"
-            )
-        for key in ("random_erasing", "mix_prob", "switch_prob"):
-            if not 0 <= augment[key] <= 1:
-                raise UserError(f"data.augment.{key}: must be in [0, 1], got {augment[key]}")
-        for key in ("mixup_alpha", "cutmix_alpha"):
-            if augment[key] < 0:
-                raise UserError(f"data.augment.{key}: must be 0 (off) or positive, got {augment[key]}")
+    if data["augment"] is not None:
+        _check_augment(data["augment"])
     patch = recipe["model"]["config"].get("patch_size")
     if recipe["model"]["pretrained"] is None and patch and recipe["model"]["image_size"] % patch:
         raise UserError(f"model.image_size: {recipe['model']['image_size']} is not divisible by the patch {patch}")
+
+
+def _check_augment(augment: dict) -> None:
+    """The ranges of the `data.augment` fields the schema cannot state."""
+    scale = augment["crop_scale"]
+    if scale is not None and not (
+        len(scale) == 2 and all(isinstance(s, NUMBER) for s in scale) and 0 < scale[0] <= scale[1] <= 1
+    ):
+        raise UserError(f"data.augment.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {scale}")
+    if augment["rand_augment"] is not None and augment["trivial_augment"]:
+        raise UserError("data.augment.trivial_augment: choose RandAugment or TrivialAugment, not both")
+    rand = augment["rand_augment"]
+    if rand is not None and (set(rand) - {"num_ops", "magnitude"}):
+        raise UserError(f"data.augment.rand_augment: unknown field {sorted(set(rand) - {'num_ops', 'magnitude'})[0]}")
+    for key in ("random_erasing", "mix_prob", "switch_prob"):
+        if not 0 <= augment[key] <= 1:
+            raise UserError(f"data.augment.{key}: must be in [0, 1], got {augment[key]}")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if augment[key] < 0:
+            raise UserError(f"data.augment.{key}: must be 0 (off) or positive, got {augment[key]}")
+
+
+def _check_streaming(data: dict) -> None:
+    """A streamed data set has no length: its splits are names or absolute rows, and no class can be counted."""
+    from vit_hf.streaming import parse_split
+
+    if data["examples_per_class"] is not None:
+        raise UserError("data.examples_per_class: drawing rows of each class needs the whole split, not a stream")
+    for field in SPLIT_FIELDS.values():
+        if data[field] is not None:
+            parse_split(data[field], f"data.{field}")
 
 
 def _check_lora(model: dict) -> dict:

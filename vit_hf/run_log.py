@@ -44,10 +44,9 @@ class UpdateWindow:
         self.lrs.append(lr)
         self.micro = []
 
-    def reduce(self, accelerator: Accelerator, stop: bool, global_batch: int) -> dict:
-        """One collective for the whole window: losses averaged over processes, flags and counts summed."""
-        flags = torch.stack([self.nonfinite.float(), torch.tensor(float(stop), device=self.device)])
-        packed = torch.cat([torch.stack(self.losses), flags, self.skipped.float().view(1)])
+    def reduce(self, accelerator: Accelerator, global_batch: int) -> dict:
+        """One collective for the whole window: losses averaged over processes, the flag and the count summed."""
+        packed = torch.cat([torch.stack(self.losses), self.nonfinite.float().view(1), self.skipped.float().view(1)])
         packed = accelerator.reduce(packed, "sum") if accelerator.num_processes > 1 else packed
         n = len(self.losses)
         values = packed.tolist()  # waits for the device: the window's time includes its queued work
@@ -55,8 +54,7 @@ class UpdateWindow:
         report = {
             "losses": [v / accelerator.num_processes for v in values[:n]],
             "nonfinite": values[n] > 0 or not all(math.isfinite(v) for v in values[:n]),
-            "stop": values[n + 1] > 0,
-            "skipped_images": int(values[n + 2]),
+            "skipped_images": int(values[n + 1]),
             "grad_norms": torch.stack(self.grad_norms).tolist(),
             "lrs": self.lrs,
             "lr": self.lrs[-1],

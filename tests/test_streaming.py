@@ -1,0 +1,278 @@
+"""`data.streaming: true`: the shared CIFAR-10 parquet cut into shards and read as a stream, split across processes
+and workers with every row read once, resumed exactly from its state, minival and test counted once; the reference
+is the shards themselves, read with pyarrow and PIL."""
+
+import io
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from launch import run_module
+from PIL import Image
+from test_finetune import assert_same_weights, losses, tiny_recipe, weights, write_recipe
+
+from vit_hf.data import load_splits
+from vit_hf.errors import UserError
+from vit_hf.recipe import resolve_recipe
+from vit_hf.streaming import SHARD_ROWS, StreamLoader, make_stream_loader
+
+# Uneven shards, several row groups each: 6 shards over 2 processes x 2 workers leave lanes of 2, 2, 1 and 1 shards.
+TRAIN_SHARDS = (130, 70, 100, 150, 50, 100)
+TEST_SHARDS = (60, 50, 40)  # 3 shards for 2 processes: one lane each, of 2 shards and 1
+
+
+def cut(parquet: Path, sizes: tuple[int, ...], folder: Path, start: int = 0) -> list[Path]:
+    """Rows start.. of PARQUET cut into shards of SIZES rows (row groups of 32)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(parquet)
+    paths, offset = [], start
+    for i, size in enumerate(sizes):
+        path = folder / f"shard_{i:02d}.parquet"
+        pq.write_table(table.slice(offset, size), path, row_group_size=32)
+        paths.append(path)
+        offset += size
+    return paths
+
+
+def reference(paths: list[Path]) -> dict[int, tuple[int, np.ndarray]]:
+    """Row index (shard * 10**9 + row) -> (label, RGB pixels) of every row of the shards, read with pyarrow and PIL."""
+    rows = {}
+    for shard, path in enumerate(paths):
+        table = pq.read_table(path).to_pydict()
+        for row, (image, label) in enumerate(zip(table["img"], table["label"], strict=True)):
+            rows[shard * SHARD_ROWS + row] = (label, np.asarray(Image.open(io.BytesIO(image["bytes"])).convert("RGB")))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def shards(cifar10_dir, tmp_path_factory) -> dict[str, list[Path]]:
+    folder = tmp_path_factory.mktemp("shards")
+    return {
+        "train": cut(cifar10_dir / "train.parquet", TRAIN_SHARDS, folder / "train"),
+        "test": cut(cifar10_dir / "test.parquet", TEST_SHARDS, folder / "test"),
+    }
+
+
+def stream_data(shards: dict, **fields) -> dict:
+    files = {split: [str(path) for path in paths] for split, paths in shards.items()}
+    return {
+        "dataset": {"path": "parquet", "data_files": files},
+        "train_split": "train[100:]",
+        "eval_split": "train[:100]",
+        "test_split": "test",
+        "streaming": True,
+    } | fields
+
+
+def loader(split, splits, process=0, processes=1, workers=2, **kwargs) -> StreamLoader:
+    options = {"shuffle": True, "seed": 7, "shuffle_buffer": 48, "num_workers": workers} | kwargs
+    columns = splits.image_column, splits.label_column, len(splits.class_names)
+    return make_stream_loader(split, *columns, 16, process_index=process, num_processes=processes, **options)
+
+
+def read_epoch(stream: StreamLoader) -> list[dict]:
+    return [{key: batch[key] for key in ("index", "labels", "pixels")} for batch in stream]
+
+
+def epoch_indices(split, splits, processes: int, workers: int = 2) -> list[int]:
+    """The row indices of one epoch read by each of PROCESSES processes in turn."""
+    streams = [loader(split, splits, process, processes, workers) for process in range(processes)]
+    return [index for stream in streams for batch in read_epoch(stream) for index in batch["index"].tolist()]
+
+
+def test_every_row_is_read_once_by_2_processes_x_2_workers_with_the_labels_and_pixels_of_the_parquet(shards):
+    splits = load_splits(stream_data(shards), streaming_ok=True)
+    rows = reference(shards["train"])
+    seen = []
+    for process in range(2):
+        for batch in read_epoch(loader(splits.train, splits, process, 2)):
+            for index, label, pixels in zip(batch["index"].tolist(), batch["labels"], batch["pixels"], strict=True):
+                assert rows[index][0] == label
+                np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), rows[index][1])
+                seen.append(index)
+    # train[:100] is the first 17 rows of shards 0-3 and 16 of shards 4-5; train[100:] every other row, once.
+    minival = {shard * SHARD_ROWS + row for shard, quota in enumerate([17] * 4 + [16] * 2) for row in range(quota)}
+    assert len(seen) == len(set(seen)) == sum(TRAIN_SHARDS) - 100
+    assert set(seen) == set(rows) - minival
+    assert sorted(epoch_indices(splits.eval, splits, 2)) == sorted(minival)
+
+
+@pytest.mark.parametrize("sizes, workers", [((40, 30, 50, 20, 60), 2), ((90,), 2), ((40, 50), 0)])
+def test_shards_not_divisible_by_the_lanes_still_give_every_row_once(cifar10_dir, tmp_path, sizes, workers):
+    # 5 shards for 2 x 2 lanes (one lane reads 2), 1 shard for 2 processes (split by example), no workers at all.
+    paths = cut(cifar10_dir / "train.parquet", sizes, tmp_path)
+    data = stream_data({"train": paths}, train_split="train", eval_split=None, test_split=None)
+    splits = load_splits(data, streaming_ok=True)
+    seen = epoch_indices(splits.train, splits, 2, workers)
+    assert len(seen) == len(set(seen)) == sum(sizes)
+    assert set(seen) == {s * SHARD_ROWS + r for s, size in enumerate(sizes) for r in range(size)}
+
+
+def test_epochs_reshuffle_and_a_stream_resumed_from_its_state_continues_the_unbroken_sequence(shards):
+    splits = load_splits(stream_data(shards), streaming_ok=True)
+
+    def sequence(stream: StreamLoader, epochs: int) -> list[list[int]]:
+        out = []
+        while stream.epoch < epochs:
+            out += [batch["index"].tolist() for batch in stream]
+        return out
+
+    for process in range(2):  # each of 2 processes x 2 workers in turn
+        stream = loader(splits.train, splits, process, 2)
+        unbroken = sequence(stream, 1)
+        epoch_0 = len(unbroken)
+        unbroken += sequence(stream, 2)
+        assert sorted(sum(unbroken[:epoch_0], [])) == sorted(sum(unbroken[epoch_0:], []))  # one pass each
+        assert unbroken[:epoch_0] != unbroken[epoch_0:]  # in another order
+        for stop in (1, epoch_0, epoch_0 + 3):  # mid-block of the first lane, at the epoch's end, in epoch 2
+            broken = loader(splits.train, splits, process, 2)
+            batches = broken.endless()
+            first = [next(batches)["index"].tolist() for _ in range(stop)]
+            # Every process's state, as `state_dict` gathers it in a real job (here both slots are this process's).
+            saved = {"processes": json.loads(json.dumps(broken.state_dict()))["processes"] * 2}
+            resumed = loader(splits.train, splits, process, 2)
+            resumed.load_state_dict(saved)
+            assert first + sequence(resumed, 2) == unbroken, (process, stop)
+
+
+def test_resuming_a_stream_on_other_workers_is_refused_in_one_line(shards):
+    splits = load_splits(stream_data(shards), streaming_ok=True)
+    stream = loader(splits.train, splits, 0, 1, workers=2)
+    next(iter(stream))
+    saved = stream.state_dict()
+    with pytest.raises(UserError, match=r"read by 1 process x 2 lanes and would be by 1 process x 1 lane") as error:
+        loader(splits.train, splits, 0, 1, workers=1).load_state_dict(saved)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_stream_recipes_and_splits_are_one_line_errors_naming_the_field(shards, tmp_path):
+    base = tiny_recipe(Path("."), tmp_path, data=stream_data(shards))
+    resolve_recipe(base)  # names and absolute rows stream
+    cases = {
+        "data.train_split": {"train_split": "train[:98%]"},
+        "data.eval_split": {"eval_split": "train[-100:]"},
+        "data.examples_per_class": {"examples_per_class": 4},
+        "data.shuffle_buffer": {"shuffle_buffer": 0},
+    }
+    for field, change in cases.items():
+        with pytest.raises(UserError, match=rf"^{field}") as error:
+            resolve_recipe(base | {"data": base["data"] | change})
+        assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match=r"^data.streaming: this command reads whole splits"):
+        load_splits(stream_data(shards))  # a tool that is not the loop
+    with pytest.raises(UserError, match="no split 'validation'"):
+        load_splits(stream_data(shards, eval_split="validation"), streaming_ok=True)
+
+
+def test_a_label_outside_the_classes_stops_the_stream_naming_its_shard_and_row(cifar10_dir, tmp_path):
+    path = cut(cifar10_dir / "train.parquet", (20,), tmp_path)[0]
+    table = pq.read_table(path)
+    labels = table["label"].to_pylist()
+    labels[13] = 12
+    pq.write_table(table.set_column(1, "label", [labels]).replace_schema_metadata(table.schema.metadata), path)
+    data = stream_data({"train": [path]}, train_split="train", eval_split=None, test_split=None)
+    splits = load_splits(data, streaming_ok=True)
+    with pytest.raises(UserError, match=r"row 13 of shard 0 has label 12 in column 'label', outside 0..9"):
+        for batch in loader(splits.train, splits, workers=1, shuffle=False):
+            batch["pixels"]
+
+
+# --- real processes -----------------------------------------------------------------------------------------------
+
+PROBE = """
+import json, sys
+from accelerate import PartialState
+from vit_hf.data import load_splits
+from vit_hf.streaming import make_stream_loader
+
+state = PartialState(cpu=True)
+data, out = json.loads(sys.argv[1]), sys.argv[2]
+splits = load_splits(data, streaming_ok=True)
+
+
+def stream(split, **kwargs):
+    return make_stream_loader(split, splits.image_column, splits.label_column, 10, 16, seed=5, num_workers=2,
+                              shuffle_buffer=48, process_index=state.process_index,
+                              num_processes=state.num_processes, **kwargs)
+
+
+def sequence(loader, epochs):
+    batches = []
+    while loader.epoch < epochs:
+        batches += [batch["index"].tolist() for batch in loader]
+    return batches
+
+
+unbroken = sequence(stream(splits.train, shuffle=True), 2)
+broken = stream(splits.train, shuffle=True)
+batches = broken.endless()
+first = [next(batches)["index"].tolist() for _ in range(7)]
+saved = broken.state_dict()  # every process's, gathered
+resumed = stream(splits.train, shuffle=True)
+resumed.load_state_dict(saved)
+test = [batch["index"].tolist() for batch in stream(splits.test, shuffle=False, even=True)]
+result = {"unbroken": unbroken, "resumed": first + sequence(resumed, 2), "test": test, "saved": len(saved["processes"])}
+with open(f"{out}/{state.process_index}.json", "w") as file:
+    json.dump(result, file)
+"""
+
+
+@pytest.mark.slow
+def test_2_processes_x_2_workers_read_every_row_once_and_resume_mid_epoch_from_the_gathered_state(shards, tmp_path):
+    (tmp_path / "stream_probe.py").write_text(textwrap.dedent(PROBE))
+    data = json.dumps(stream_data(shards))
+    result = run_module("stream_probe", [data, str(tmp_path)], processes=2, env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    for rank in ranks:
+        assert rank["resumed"] == rank["unbroken"]  # mid-epoch 1, resumed from the state both processes saved
+        assert rank["saved"] == 2
+    epochs = [sum(rank["unbroken"], []) for rank in ranks]
+    train = {s * SHARD_ROWS + r for s, size in enumerate(TRAIN_SHARDS) for r in range(size)}
+    minival = {s * SHARD_ROWS + r for s, quota in enumerate([17] * 4 + [16] * 2) for r in range(quota)}
+    read = epochs[0] + epochs[1]
+    assert len(read) == 2 * len(train - minival) and set(read) == train - minival  # each row once an epoch
+    test = [i for rank in ranks for batch in rank["test"] for i in batch if i >= 0]
+    assert len(test) == len(set(test)) == sum(TEST_SHARDS)
+    assert len(ranks[0]["test"]) == len(ranks[1]["test"])  # the shorter part padded: as many forward passes
+
+
+STREAMED = {
+    "train": {"global_batch_size": 32, "micro_batch_size": 16, "eval_batch_size": 16, "eval_every": 10,
+              "save_every": 8, "keep_checkpoints": 5, "log_every": 1, "report_to": []},
+    "schedule": {"name": "cosine", "warmup_steps": 2, "total_steps": 20},
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_streamed_run_on_2_processes_x_2_workers_resumes_mid_epoch_to_the_unbroken_weights(shards, tmp_path):
+    # 500 training rows in lanes of 147, 137, 83 and 133: 19 micro-batches of at most 16 an epoch on process 0, 15
+    # on process 1, so the checkpoint after update 8 lies inside epoch 1 and both end in epoch 2. Crops and flips
+    # depend on (seed, epoch, row).
+    data = stream_data(shards, num_workers=2, augment={"crop_scale": [0.5, 1.0], "hflip": True})
+    unbroken = tmp_path / "unbroken"
+    with_pictures = STREAMED | {"train": STREAMED["train"] | {"report_to": ["tensorboard"]}}
+    recipe = write_recipe(tmp_path, tiny_recipe(Path("."), unbroken, data=data, **with_pictures), "a.json")
+    result = run_module("vit_hf.finetune", [str(recipe)], processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "could not draw" not in result.stderr  # the pictures read the streamed test split too
+    results = json.loads((unbroken / "results.json").read_text())
+    assert (results["eval_samples"], results["test_samples"]) == (100, sum(TEST_SHARDS))  # each sample once
+    progress = torch.load(unbroken / "checkpoints" / "step_8" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert (progress["epoch"], progress["epoch_samples"]) == (0, 0)  # a stream has no length
+    stream = torch.load(unbroken / "checkpoints" / "step_8" / "custom_checkpoint_1.pkl", weights_only=True)
+    assert [len(process["lanes"]) for process in stream["processes"]] == [2, 2]  # both processes, 2 lanes each
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(unbroken / "checkpoints" / "step_8", resumed / "checkpoints" / "step_8")
+    recipe = write_recipe(tmp_path, tiny_recipe(Path("."), resumed, data=data, **STREAMED), "b.json")
+    result = run_module("vit_hf.finetune", [str(recipe), "--resume", "auto"], processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(resumed) == pytest.approx(losses(unbroken)[8:], abs=1e-6)
+    assert_same_weights(weights(resumed / "checkpoints" / "step_20"), weights(unbroken / "checkpoints" / "step_20"), 0)
+    assert json.loads((resumed / "results.json").read_text())["test_samples"] == sum(TEST_SHARDS)
