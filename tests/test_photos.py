@@ -12,10 +12,16 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from launch import run_module
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from test_finetune import losses, tiny_recipe, write_recipe
 from transformers import pipeline
+from transformers.image_utils import load_image as transformers_load_image
+
+import vit_hf.data as data_module
+from vit_hf.data import make_loader
+from vit_hf.predict import load_image as predict_load_image
 
 CLASSES = {"cat": 3, "dog": 5, "ship": 8}  # folder name: CIFAR-10 label
 # Each split's photos cycle through these (mode, format): the modes an image folder may hold.
@@ -125,3 +131,167 @@ def test_two_processes_crop_the_photos_as_one_does(cifar10_dir, clean_photos, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((two / "results.json").read_text())["num_processes"] == 2
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EXIF orientation: the loader and predict see a phone photo as datasets' decode and transformers' load_image do,
+# upright: the independent reference is PIL's own ImageOps.exif_transpose of the full decode, then PIL's resize.
+
+ORIENTATIONS = range(2, 9)  # 1 is "as stored"; 2-4 flip, 5-8 swap the axes
+
+
+def asymmetric_pixels(width: int, height: int) -> np.ndarray:
+    """Smooth gradients (red across, green down) with an off-centre block: no orientation maps it onto itself."""
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    pixels = np.stack([255 * x, 255 * y, 128 + 100 * np.sin(7 * x + 3 * y)], axis=2)
+    pixels[height // 5 : height // 2, width // 8 : width // 3] = (250, 30, 60)
+    return pixels.round().astype(np.uint8)
+
+
+def oriented_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def upright(jpeg: bytes) -> Image.Image:
+    """The reference: PIL's full decode, then exif_transpose."""
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(jpeg))).convert("RGB")
+
+
+def jpeg_dataset(jpegs: list[bytes]) -> datasets.Dataset:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["photo"])})
+    rows = {"image": [{"bytes": jpeg, "path": None} for jpeg in jpegs], "label": [0] * len(jpegs)}
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def batch_of(dataset: datasets.Dataset, **options) -> dict:
+    loader = make_loader(dataset, "image", "label", len(dataset), shuffle=False, **options)
+    return next(iter(loader))
+
+
+def hwc(pixels: torch.Tensor) -> np.ndarray:
+    return pixels.permute(1, 2, 0).numpy().astype(int)
+
+
+def assert_close_to_upright(ours: np.ndarray, reference: Image.Image, orientation: int) -> None:
+    # Flips (2-4) commute exactly with PIL's resize; where the axes swap (5-8), PIL's two passes run in the other
+    # order and round to uint8 in between: 1 level at most, in about 1% of the values of photos and up to 7% of
+    # these smooth gradients (see data._Collate._crop).
+    difference = np.abs(ours - np.asarray(reference).astype(int))
+    if orientation <= 4:
+        assert difference.max() == 0
+    else:
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.1
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_eval_and_fixed_train_boxes_see_the_photo_upright_as_exif_transpose_does(orientation, monkeypatch):
+    jpeg = oriented_jpeg(asymmetric_pixels(120, 100), orientation)  # small enough that no draft applies at 64 px
+    reference = upright(jpeg)
+    dataset = jpeg_dataset([jpeg] * 4)
+    # What datasets' own decode gives is the reference: the loader must agree with it.
+    assert np.array_equal(np.asarray(dataset[0]["image"].convert("RGB")), np.asarray(reference))
+
+    eval_batch = batch_of(dataset, image_size=64)
+    assert eval_batch["prepared"]
+    assert_close_to_upright(hwc(eval_batch["pixels"][0]), reference.resize((64, 64), Image.BILINEAR), orientation)
+
+    # Boxes (top, left, height, width) of the upright photo: 100 x 120 or 120 x 100, so these fit either way.
+    boxes = [[10, 20, 60, 70], [0, 0, 100, 100], [30, 5, 40, 90], [55, 40, 45, 33]]
+    monkeypatch.setattr(data_module, "crop_boxes", lambda *draws: torch.tensor(boxes, dtype=torch.float32))
+    train_batch = batch_of(dataset, image_size=64, crop_scale=(0.05, 1.0))
+    for (top, left, height, width), pixels in zip(boxes, train_batch["pixels"], strict=True):
+        expected = reference.resize((64, 64), Image.BILINEAR, box=(left, top, left + width, top + height))
+        assert_close_to_upright(hwc(pixels), expected, orientation)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 7])
+def test_a_drafted_photo_is_oriented_too(orientation, monkeypatch):
+    # 400 x 300 at 64 px: the whole image decodes at 1/4, the train box at 1/2 (data._draft), in stored pixels.
+    jpeg = oriented_jpeg(asymmetric_pixels(400, 300), orientation)
+    reference = upright(jpeg)
+    dataset = jpeg_dataset([jpeg])
+    top, left, height, width = 20, 30, 200, 150
+    monkeypatch.setattr(
+        data_module, "crop_boxes", lambda *draws: torch.tensor([[top, left, height, width]], dtype=torch.float32)
+    )
+    for options, expected in (
+        ({}, reference.resize((64, 64), Image.BILINEAR)),
+        (
+            {"crop_scale": (0.05, 1.0)},
+            reference.resize((64, 64), Image.BILINEAR, box=(left, top, left + width, top + height)),
+        ),
+    ):
+        ours = hwc(batch_of(dataset, image_size=64, **options)["pixels"][0])
+        difference = np.abs(ours - np.asarray(expected).astype(int))
+        # The decoder's DCT scaling (data._draft): well under a level on average on smooth pixels.
+        assert difference.mean() < 1 and difference.max() <= 20
+
+
+def test_random_crops_and_flips_are_drawn_on_the_upright_photo(monkeypatch):
+    # A 160 x 40 photo stored on its side (orientation 6 turns it upright to 40 x 160, tall): every random crop box
+    # lies in 40 x 160, so none could have been drawn on the stored 160 x 40; flips mirror the upright crop.
+    jpeg = oriented_jpeg(asymmetric_pixels(160, 40), 6)
+    reference = upright(jpeg)
+    assert reference.size == (40, 160)
+    dataset = jpeg_dataset([jpeg] * 16)
+    boxes = []
+    original = data_module.crop_boxes
+
+    def spy(*draws):
+        boxes.append(original(*draws))
+        return boxes[-1]
+
+    monkeypatch.setattr(data_module, "crop_boxes", spy)
+    batch = batch_of(dataset, image_size=32, crop_scale=(0.05, 1.0), hflip=True)
+    mirrored = 0
+    for (top, left, height, width), pixels in zip(boxes[0].int().tolist(), batch["pixels"], strict=True):
+        assert top + height <= 160 and left + width <= 40
+        expected = np.asarray(reference.resize((32, 32), Image.BILINEAR, box=(left, top, left + width, top + height)))
+        ours = hwc(pixels)
+        straight, flipped = np.abs(ours - expected).max(), np.abs(ours - expected[:, ::-1]).max()
+        assert min(straight, flipped) <= 1
+        mirrored += int(flipped < straight)
+    assert 0 < mirrored < 16
+
+
+def test_small_photos_on_the_device_path_are_upright_exactly():
+    # 24 x 24, no larger than image_size: the batch leaves the workers as decoded, oriented (a transpose is exact).
+    jpegs = [oriented_jpeg(asymmetric_pixels(24, 24), orientation) for orientation in range(1, 9)]
+    batch = batch_of(jpeg_dataset(jpegs), image_size=32)
+    assert not batch["prepared"]
+    for jpeg, pixels in zip(jpegs, batch["pixels"], strict=True):
+        assert np.array_equal(hwc(pixels), np.asarray(upright(jpeg)))
+    # Sizes are compared as seen: a 30 x 20 photo on its side is 20 x 30.
+    sideways = jpeg_dataset([oriented_jpeg(asymmetric_pixels(30, 20), 8), oriented_jpeg(asymmetric_pixels(20, 30), 1)])
+    assert batch_of(sideways)["pixels"].shape == (2, 3, 30, 20)
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_predict_reads_a_photo_upright_as_the_pipeline_does(orientation, tmp_path):
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(oriented_jpeg(asymmetric_pixels(50, 30), orientation))
+    ours = np.asarray(predict_load_image(path))
+    assert np.array_equal(ours, np.asarray(transformers_load_image(str(path))))
+    assert np.array_equal(ours, np.asarray(upright(path.read_bytes())))
+
+
+def test_worker_draws_are_the_row_generators_numbers_in_device_transform_order(monkeypatch):
+    # Each row's crop uses its generator's first 20 numbers as the 10 attempts, the next 2 as offsets, then the
+    # flip: random_crop_boxes' order, i.e. what DeviceTransform draws for one image from the same generator.
+    seen = []
+    monkeypatch.setattr(
+        data_module, "crop_boxes", lambda *draws: seen.append(draws) or torch.tensor([[0.0, 0, 30, 40]] * 6)
+    )
+    dataset = jpeg_dataset([oriented_jpeg(asymmetric_pixels(40, 30), 1)] * 6)
+    loader = make_loader(dataset, "image", "label", 6, shuffle=True, seed=11, image_size=16, crop_scale=(0.05, 1.0))
+    loader.sampler.set_epoch(2)
+    rows = next(iter(loader))["index"].tolist()
+    attempts, offsets = seen[0][:2]
+    for i, row in enumerate(rows):
+        generator = data_module._row_generator(11, 2, row)
+        assert torch.equal(attempts[i], torch.rand(10, 2, generator=generator))
+        assert torch.equal(offsets[i], torch.rand(2, generator=generator))

@@ -8,6 +8,7 @@ Both pipelines read the same images with the same DataLoader settings and end wi
 - the baseline: transformers' image-classification example, `dataset.with_transform` of per-image RandomResizedCrop,
   RandomHorizontalFlip, ToTensor and Normalize, in PIL and torch as torchvision does them (torchvision is no
   dependency of this project).
+Both see a photo upright by its EXIF orientation (the example through datasets' decode, which applies it).
 
     python -m vit_hf.bench_data --num-workers 2        # the train split of the Hub's uoft-cs/cifar10
     python -m vit_hf.bench_data --dataset '{"path": "parquet", "data_files": {"train": "cifar10/train.parquet"}}'
@@ -68,13 +69,15 @@ def example_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 
 def example_train_image(image: Image.Image, size: int) -> torch.Tensor:
-    """RandomResizedCrop(size), RandomHorizontalFlip(), ToTensor(), Normalize(0.5, 0.5) of one PIL image."""
+    """RandomResizedCrop(size), RandomHorizontalFlip(), ToTensor(), Normalize(0.5, 0.5) of one PIL image, as
+    torchvision's transforms (v1, the example's) do them on a PIL image: crop, then resize the copy."""
     left, top, width, height = example_crop_box(image.width, image.height)
-    image = image.resize((size, size), Image.BILINEAR, box=(left, top, left + width, top + height))
+    image = image.crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
     if random.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous().float().div(255)
-    return (pixels - 0.5) / 0.5
+    pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
+    mean = std = torch.tensor([0.5, 0.5, 0.5]).view(-1, 1, 1)
+    return pixels.clone().sub_(mean).div_(std)  # Normalize(inplace=False) works on a clone
 
 
 def example_train_transforms(examples: dict, image_column: str, size: int) -> dict:

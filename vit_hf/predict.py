@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import AutoImageProcessor, BaseImageProcessor, ViTForImageClassification
 from transformers.utils.logging import disable_progress_bar
 
@@ -40,9 +40,11 @@ def image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """The image at PATH in RGB; a UserError naming the file when it cannot be decoded."""
+    """The image at PATH in RGB, upright by its EXIF orientation as transformers' `load_image` (the pipeline's input)
+    and datasets' Image decode (training) make it; a UserError naming the file when it cannot be decoded."""
     try:
         with Image.open(path) as image:
+            ImageOps.exif_transpose(image, in_place=True)
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError):
         raise UserError(f"{path}: not a readable image file") from None
