@@ -78,3 +78,46 @@ def test_input_pipeline_bench_prints_both_pipelines_and_the_ratio(cifar10_dir, c
     assert [row["ratio"] for row in rows][0] == 1.0 and rows[1]["images_per_second"] > 0
     assert rows[1]["ratio"] == pytest.approx(rows[1]["images_per_second"] / rows[0]["images_per_second"], rel=0.01)
     assert "| pipeline | images/s | per worker | ratio |" in lines
+
+
+@pytest.mark.slow
+def test_whole_process_mode_times_our_process_and_the_trainers_on_the_same_model(capsys):
+    from vit_hf.bench import main
+
+    argv = [
+        "--whole-process", "--model", "tiny", "--layers", "1", "--image-size", "32", "--micro-batch", "8",
+        "--precision", "no", "--steps", "2", "--repeats", "1", "--random-images", "64",
+        "--set", "data.num_workers=0", "--set", "train.log_every=1", "--set", "train.report_to=[]",
+    ]  # fmt: skip
+    rows = main(argv)
+
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines[:2]] == rows
+    assert [row["case"] for row in rows] == ["vit_hf.finetune", "transformers.Trainer"]
+    for row in rows:
+        assert row["wall_seconds"] > row["startup_seconds"] > 0 and row["train_seconds"] > 0
+        assert row["finish_seconds"] > 0 and row["test_accuracy"] is not None
+        assert (row["shape"]["num_hidden_layers"], row["shape"]["image_size"], row["shape"]["num_labels"]) == (
+            1,
+            32,
+            10,
+        )
+    table = lines[lines.index("| case | wall s (each run) | wall s | startup s | train s | finish s | other s |") :]
+    assert [line.split(" | ")[0] for line in table[2:4]] == ["| vit_hf.finetune", "| transformers.Trainer"]
+    assert table[-1].startswith("transformers.Trainer / vit_hf.finetune wall time") and table[-1].endswith("x")
+
+
+def test_whole_process_mode_refuses_a_warm_up_and_a_pretrained_model(capsys):
+    from vit_hf.bench import main, whole_process_recipe
+    from vit_hf.errors import UserError
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--whole-process", "--warmup", "5"])
+    assert exit.value.code == 2 and "no --warmup" in capsys.readouterr().err
+    args = argparse.Namespace(
+        recipe=None, set=["model.pretrained=ViT-B_16"], model=None, layers=None, image_size=None, micro_batch=None,
+        precision=None, compile=False, momentum_dtype=None, gradient_checkpointing=False, steps=20,
+    )  # fmt: skip
+    dataset = {"path": "parquet", "data_files": {"train": "train.parquet"}}
+    with pytest.raises(UserError, match="from-scratch"):
+        whole_process_recipe(args, dataset, has_test=False)

@@ -7,6 +7,7 @@
     python -m vit_hf.bench --recipe recipes/cifar10.json --set train.micro_batch_size=128
     python -m vit_hf.bench --model ViT-B_16 --layers 2 --image-size 224 --micro-batch 16 --momentum-dtype bfloat16 \
         --gradient-checkpointing
+    python -m vit_hf.bench --whole-process --model ViT-B_16 --layers 1 --image-size 224 --micro-batch 16 --steps 20
 
 The loop is measured by running `vit_hf.finetune.run` itself (eval and test off) and timing the updates after warm-up
 from its own logs, so the figure is the loop's real speed. `--compare-trainer` trains the same model, data, batch,
@@ -14,7 +15,14 @@ optimizer and precision with `transformers.Trainer`, fed as the transformers ima
 per-image random resized crop and flip in PIL in the workers (`vit_hf.bench_data.example_loader`), whatever else the
 recipe's augment asks for. Each case runs in a fresh process, so peak memory (CUDA's peak allocation, or on a CPU the
 process's peak RSS) and compile caches are its own. Without `--recipe` the data is the Hub's CIFAR-10 (or
-`--set data.dataset=...`) and the model a from-scratch ViT. Prints one JSON line a case, then a Markdown table.
+`--set data.dataset=...`, or `--dataset` a local parquet) and the model a from-scratch ViT. Prints one JSON line a
+case, then a Markdown table.
+
+`--whole-process` times whole processes from launch to exit instead: `python -m vit_hf.finetune RECIPE` against
+`python -m vit_hf.bench_trainer RECIPE` (the same run done with `transformers.Trainer`), `--repeats` times each,
+interleaved so that other load on the machine falls on both; `--steps` updates, no minival, the test split scored
+and the model saved at the end, on `--dataset` or random CIFAR-shaped images. Prints a JSON line a run (wall time and
+each side's startup, training and finish seconds), then the medians and the ratio of the Trainer's time to ours.
 """
 
 import argparse
@@ -23,6 +31,9 @@ import json
 import multiprocessing
 import os
 import resource
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +46,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig
 
 from vit_hf.bench_data import example_loader, images_per_second
 from vit_hf.data import load_splits, make_loader
-from vit_hf.errors import UserError, cli_entry
+from vit_hf.errors import RunError, UserError, cli_entry
 from vit_hf.finetune import run
 from vit_hf.inputs import TrainInputs
 from vit_hf.model import VIT_BASE, build_model
@@ -75,8 +86,8 @@ def peak_tflops(device: str) -> float | None:
     return next((peak for name, peak in PEAK_BF16_TFLOPS.items() if name in device), None)
 
 
-def bench_recipe(args: argparse.Namespace) -> dict:
-    """The recipe to measure: --recipe (else CIFAR-10 and a from-scratch ViT), flags, --set, then a short run."""
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The recipe fields that the model, batch, precision and memory flags set."""
     overrides = []
     if args.model:
         overrides += ["model.pretrained=null", f"model.config={json.dumps(MODELS[args.model])}"]
@@ -94,17 +105,31 @@ def bench_recipe(args: argparse.Namespace) -> dict:
         overrides.append(f"optim.momentum_dtype={args.momentum_dtype}")
     if args.gradient_checkpointing:
         overrides.append("train.gradient_checkpointing=true")
+    return overrides
+
+
+def _base_recipe(args: argparse.Namespace, overrides: list[str], dataset: str | dict = "cifar10") -> dict:
+    """--recipe with OVERRIDES, else a from-scratch ViT on DATASET's train split with them."""
+    if args.recipe:
+        recipe = load_recipe(args.recipe, overrides)
+    else:
+        data = {"dataset": dataset, "train_split": "train"}
+        recipe = resolve_recipe({"model": {"pretrained": None}, "data": data}, overrides)
+    if args.layers and recipe["model"]["pretrained"] is not None:
+        raise UserError("--layers: only a from-scratch model (--model, or model.pretrained null) has a layer count")
+    return recipe
+
+
+def bench_recipe(args: argparse.Namespace) -> dict:
+    """The recipe to measure: --recipe (else CIFAR-10 and a from-scratch ViT), flags, --set, then a short run."""
+    overrides = _flag_overrides(args)
     total = args.warmup + args.steps
     # No eval, no test, no checkpoint before the end.
     overrides += [*args.set, "data.eval_split=null", "data.test_split=null", "schedule.warmup_steps=0"]
     overrides += [f"schedule.total_steps={total}", f"train.save_every={total}", "hub.push=false"]
-    if args.recipe:
-        recipe = load_recipe(args.recipe, overrides)
-    else:
-        data = {"dataset": "cifar10", "train_split": "train"}
-        recipe = resolve_recipe({"model": {"pretrained": None}, "data": data}, overrides)
-    if args.layers and recipe["model"]["pretrained"] is not None:
-        raise UserError("--layers: only a from-scratch model (--model, or model.pretrained null) has a layer count")
+    if getattr(args, "dataset", None):
+        overrides.insert(0, f"data.dataset={json.dumps(local_dataset(args.dataset)[0])}")
+    recipe = _base_recipe(args, overrides)
     every = recipe["train"]["log_every"]
     if args.warmup % every or args.steps % every:
         raise UserError(
@@ -268,6 +293,152 @@ def _in_fresh_process(case, recipe: dict, warmup: int, steps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Whole processes: launch to exit
+
+
+def local_dataset(path: str | os.PathLike) -> tuple[dict, bool]:
+    """The load_dataset arguments of a local parquet file (a train split) or folder (train.parquet, test.parquet
+    if there is one), and whether it has a test split."""
+    path = Path(path)
+    files = {"train": path} if path.is_file() else {"train": path / "train.parquet", "test": path / "test.parquet"}
+    files = {split: file for split, file in files.items() if file.is_file() and file.suffix == ".parquet"}
+    if "train" not in files:
+        raise UserError(f"--dataset {path}: not a parquet file, nor a folder with train.parquet (and test.parquet)")
+    return {
+        "path": "parquet",
+        "data_files": {split: str(file.resolve()) for split, file in files.items()},
+    }, "test" in files
+
+
+def random_cifar(folder: Path, train: int, test: int, seed: int = 0) -> Path:
+    """FOLDER with train.parquet and test.parquet of random 32 px PNG images in CIFAR-10's schema (img, label).
+
+    Speed does not depend on what the pixels show; nothing is downloaded.
+    """
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("test", test)):
+        images = []
+        for pixels in rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8):
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+        rows = {"img": images, "label": rng.integers(0, len(names), count).tolist()}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(folder / f"{split}.parquet")
+    return folder
+
+
+def whole_process_recipe(args: argparse.Namespace, dataset: dict, has_test: bool) -> dict:
+    """The recipe both whole processes run: the flags' model, batch and precision on DATASET, `--steps` updates
+    without warm-up, one checkpoint at the end, no minival, the test split (if any) scored at the end, --set last."""
+    overrides = _flag_overrides(args)
+    overrides += [f"data.dataset={json.dumps(dataset)}", "data.train_split=train", "data.eval_split=null"]
+    overrides += [f"data.test_split={'test' if has_test else 'null'}", "schedule.warmup_steps=0"]
+    overrides += [f"schedule.total_steps={args.steps}", f"train.save_every={args.steps}", *args.set, "hub.push=false"]
+    recipe = _base_recipe(args, overrides, dataset)
+    if recipe["model"]["pretrained"] is not None:
+        raise UserError("--whole-process: the Trainer side builds a from-scratch model; set model.pretrained null")
+    return recipe
+
+
+# The command of each whole process, and the file its timings are read from (in output.dir).
+WHOLE = {LOOP: ("vit_hf.finetune", "results.json"), TRAINER: ("vit_hf.bench_trainer", "trainer_results.json")}
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+SHAPE_KEYS += ("image_size", "hidden_act", "layer_norm_eps")
+
+
+def whole_process_run(name: str, recipe: dict, work: Path, repeat: int, env: dict) -> dict:
+    """One whole process of case NAME on RECIPE (python -m ... in ENV), timed from launch to exit; its breakdown."""
+    module, results_file = WHOLE[name]
+    out = work / f"{module}-{repeat}"
+    recipe_path = work / f"{module}-{repeat}.json"
+    recipe_path.write_text(json.dumps(resolve_recipe(recipe, [f"output.dir={out}"])))
+    log = work / f"{module}-{repeat}.log"
+    with log.open("w") as output:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", module, str(recipe_path)], stdout=output, stderr=output, env=env)
+        wall = time.perf_counter() - started
+    if done.returncode != 0:
+        last = (log.read_text().strip().splitlines() or ["no output"])[-1]
+        raise RunError(f"python -m {module} exited with {done.returncode} (log {log}): {last}")
+    results = json.loads((out / results_file).read_text())
+    config = json.loads((out / "config.json").read_text())
+    train = results.get("train_seconds")
+    if train is None:  # the loop records its training speed: seconds = images / (images/s)
+        train = (results["step"] * recipe["train"]["global_batch_size"]) / results["train_samples_per_second"]
+    row = {"case": name, "repeat": repeat, "wall_seconds": round(wall, 2)}
+    row |= {key: round(value, 2) for key, value in (("startup_seconds", results["startup_seconds"]),
+            ("train_seconds", train), ("finish_seconds", results["finish_seconds"]))}  # fmt: skip
+    row["other_seconds"] = round(wall - row["startup_seconds"] - row["train_seconds"] - row["finish_seconds"], 2)
+    row["test_accuracy"] = results.get("test_accuracy")
+    row["shape"] = {key: config.get(key) for key in SHAPE_KEYS} | {"num_labels": len(config["id2label"])}
+    shutil.rmtree(out)
+    return row
+
+
+def whole_process(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """Our whole process and the Trainer's, interleaved --repeats times (a JSON line a run): the recipe, the runs."""
+    with tempfile.TemporaryDirectory(prefix="vit_hf_whole_") as work:
+        work = Path(work)
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        if args.dataset:
+            dataset, has_test = local_dataset(args.dataset)
+        else:  # random data, and its datasets cache, live and go with the temporary folder
+            dataset, has_test = local_dataset(random_cifar(work / "data", args.random_images, args.random_images // 4))
+            env["HF_DATASETS_CACHE"] = str(work / "datasets_cache")
+        recipe = whole_process_recipe(args, dataset, has_test)
+        import datasets
+
+        # The cache prepared once, so that no run pays for it alone.
+        datasets.load_dataset(**dataset, cache_dir=env.get("HF_DATASETS_CACHE"))
+        rows = []
+        for repeat in range(args.repeats):
+            for name in WHOLE:
+                rows.append(whole_process_run(name, recipe, work, repeat, env))
+                print(json.dumps(rows[-1]), flush=True)
+    if rows[0]["shape"] != rows[1]["shape"]:
+        raise RunError(f"the two processes trained different models: {rows[0]['shape']} and {rows[1]['shape']}")
+    return recipe, rows
+
+
+def _whole_table(rows: list[dict], recipe: dict) -> str:
+    """Medians of each case's runs and the ratio of the Trainer's median wall time to ours."""
+    shape, train = rows[0]["shape"], recipe["train"]
+    case = (
+        f"width {shape['hidden_size']}, {shape['num_hidden_layers']} layers, patch {shape['patch_size']}, "
+        f"{shape['image_size']} px, batch {train['global_batch_size']}, {train['mixed_precision']}, "
+        f"{recipe['schedule']['total_steps']} updates, {recipe['data']['num_workers']} workers"
+    )
+    lines = [
+        f"whole process ({case}): medians of {len(rows) // 2} interleaved runs",
+        "",
+        "| case | wall s (each run) | wall s | startup s | train s | finish s | other s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    medians = {}
+    for name in WHOLE:
+        runs = [row for row in rows if row["case"] == name]
+        medians[name] = {key: statistics.median(row[key] for row in runs) for key in runs[0] if key.endswith("seconds")}
+        m = medians[name]
+        each = " / ".join(f"{row['wall_seconds']:.1f}" for row in runs)
+        lines.append(
+            f"| {name} | {each} | {m['wall_seconds']:.1f} | {m['startup_seconds']:.1f} | {m['train_seconds']:.1f} "
+            f"| {m['finish_seconds']:.1f} | {m['other_seconds']:.1f} |"
+        )
+    ratio = medians[TRAINER]["wall_seconds"] / medians[LOOP]["wall_seconds"]
+    lines.append(f"\n{TRAINER} / {LOOP} wall time (above 1: ours is faster): {ratio:.2f}x")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -342,16 +513,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations (train.gradient_checkpointing)"
     )
-    parser.add_argument("--steps", type=_positive, default=30, help="timed optimizer updates, a multiple of log_every")
     parser.add_argument(
-        "--warmup", type=_positive, default=10, help="updates before the timing, a multiple of log_every"
+        "--steps", type=_positive, help="timed optimizer updates, a multiple of log_every (default 30; whole: 20)"
     )
+    parser.add_argument("--warmup", type=_positive, help="updates before the timing, a multiple of log_every (10)")
     parser.add_argument("--compare-trainer", action="store_true", help="also run transformers.Trainer, print the ratio")
     parser.add_argument("--peak-tflops", type=float, help="the peak for MFU (default: a known GPU's dense bf16 peak)")
+    parser.add_argument("--dataset", help="a local parquet file (train) or folder of train.parquet and test.parquet")
+    whole = parser.add_argument_group("whole processes, launch to exit, against transformers.Trainer")
+    whole.add_argument(
+        "--whole-process", action="store_true",
+        help="time `python -m vit_hf.finetune` and `python -m vit_hf.bench_trainer` on the same recipe, interleaved",
+    )  # fmt: skip
+    whole.add_argument("--repeats", type=_positive, default=3, help="runs of each (default 3)")
+    whole.add_argument(
+        "--random-images", type=_positive, default=2000,
+        help="without --dataset: random CIFAR-shaped training images (default 2000; a quarter as many to test)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    recipe = bench_recipe(args)
     # One device: on a multi-GPU machine the Trainer would otherwise spread over all of them with DataParallel.
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    if args.whole_process:
+        if args.warmup is not None or args.compare_trainer:
+            parser.error("--whole-process times whole runs against the Trainer: no --warmup, no --compare-trainer")
+        args.steps = args.steps or 20
+        recipe, rows = whole_process(args)
+        print()
+        print(_whole_table(rows, recipe))
+        return rows
+    args.steps, args.warmup = args.steps or 30, args.warmup or 10
+    recipe = bench_recipe(args)
     cases = [(LOOP, loop_case)] + ([(TRAINER, trainer_case)] if args.compare_trainer else [])
     rows = []
     for name, case in cases:

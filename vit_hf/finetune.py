@@ -36,7 +36,6 @@ from accelerate.utils import (
     parse_flag_from_env,
     set_seed,
 )
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from vit_hf.checkpoint import Checkpointer, Progress, latest_checkpoint, resolve_resume, restart_store
@@ -489,7 +488,8 @@ class FineTune:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a (FSDP-sharded or replicated) DTensor; a plain tensor as it is."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    # Duck-typed: importing torch.distributed.tensor costs a second of start-up in runs that never shard.
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _fsdp_on_cpu(accelerator: Accelerator) -> None:

@@ -1,0 +1,195 @@
+"""A recipe's whole run done with `transformers.Trainer`: the Trainer side of `python -m vit_hf.bench --whole-process`.
+
+    python -m vit_hf.bench_trainer RECIPE.json
+
+It does the work of `python -m vit_hf.finetune RECIPE.json` the way the transformers image-classification example
+would: it loads the train and test splits of the recipe's data set with `datasets`, builds a from-scratch ViT of the
+recipe's shape, trains it for `schedule.total_steps` updates of the recipe's batch, precision, SGD (or AdamW),
+clipping and warmup-cosine schedule, fed by per-image PIL transforms in the workers (random resized crop and flip;
+resize for the test split), logs every `train.log_every` updates to the recipe's trackers, saves a checkpoint every
+`train.save_every` updates, scores the test split, and saves the model, its image processor and a model card into
+`output.dir`. It imports only what such a script would (no `vit_hf` module besides this one), so its startup is the
+Trainer's own. It writes `trainer_results.json` there: the test accuracy and where the time went (`startup_seconds`
+from launch to the start of training, `train_seconds`, `finish_seconds` from the end of training to the end).
+"""
+
+import functools
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+RESULTS = "trainer_results.json"
+# The from-scratch ViT of vit_hf.model.build_model: ViT-B/16's shape, the official GELU and layer-norm epsilon.
+BASE_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+BASE_CONFIG |= {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of torchvision's RandomResizedCrop (aspect ratio 3/4 to 4/3), with `random`."""
+    for _ in range(10):
+        area = width * height * random.uniform(*scale)
+        aspect = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = random.randint(0, width - w), random.randint(0, height - h)
+            return left, top, left + w, top + h
+    w, h = min(width, round(height * 4 / 3)), min(height, round(width * 4 / 3))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """ToTensor then Normalize(0.5, 0.5): (3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(127.5).sub(1)
+
+
+def train_transform(rows: dict, image_column: str, size: int, scale: tuple[float, float], hflip: bool) -> dict:
+    pixels = []
+    for image in rows[image_column]:
+        image = image.convert("RGB")
+        image = image.resize((size, size), Image.BILINEAR, box=random_resized_crop_box(*image.size, scale))
+        if hflip and random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels.append(to_pixels(image))
+    return rows | {"pixel_values": pixels}
+
+
+def eval_transform(rows: dict, image_column: str, size: int) -> dict:
+    return rows | {
+        "pixel_values": [to_pixels(i.convert("RGB").resize((size, size), Image.BILINEAR)) for i in rows[image_column]]
+    }
+
+
+def collate(rows: list[dict], label_column: str) -> dict:
+    labels = torch.tensor([row[label_column] for row in rows])
+    return {"pixel_values": torch.stack([row["pixel_values"] for row in rows]), "labels": labels}
+
+
+def accuracy(prediction) -> dict:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+class _Times(TrainerCallback):
+    """When training begins and ends."""
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.begin = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self.end = time.perf_counter()
+
+
+def columns(dataset: datasets.Dataset) -> tuple[str, str]:
+    """The image column and the label column (the first Image and ClassLabel features)."""
+    image = next(name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image))
+    label = next(name for name, feature in dataset.features.items() if isinstance(feature, datasets.ClassLabel))
+    return image, label
+
+
+def optimizer_for(model: torch.nn.Module, optim: dict) -> torch.optim.Optimizer:
+    if optim["name"] == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]))
+    return torch.optim.SGD(model.parameters(), lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"])
+
+
+def main(recipe_path: str) -> dict:
+    """Train, test and save as RECIPE_PATH (a resolved recipe with a from-scratch model) says; the results."""
+    launched = time.perf_counter() - (time.time() - psutil.Process().create_time())
+    recipe = json.loads(Path(recipe_path).read_text())
+    data, train, schedule = recipe["data"], recipe["train"], recipe["schedule"]
+    out = Path(recipe["output"]["dir"])
+    source = data["dataset"]
+    train_set = datasets.load_dataset(**source, split=data["train_split"])
+    test_set = datasets.load_dataset(**source, split=data["test_split"]) if data["test_split"] else None
+    image_column, label_column = columns(train_set)
+    names = train_set.features[label_column].names
+    size, augment = recipe["model"]["image_size"], data["augment"] or {}
+    scale = tuple(augment.get("crop_scale") or (1.0, 1.0))
+    train_set = train_set.with_transform(
+        functools.partial(
+            train_transform, image_column=image_column, size=size, scale=scale, hflip=augment.get("hflip", False)
+        )
+    )
+    if test_set is not None:
+        test_set = test_set.with_transform(functools.partial(eval_transform, image_column=image_column, size=size))
+
+    torch.manual_seed(train["seed"])
+    labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+    config = ViTConfig(
+        image_size=size, num_labels=len(names), hidden_dropout_prob=float(recipe["model"]["dropout"]),
+        **BASE_CONFIG | recipe["model"]["config"] | labels,
+    )  # fmt: skip
+    model = ViTForImageClassification(config)
+    optimizer = optimizer_for(model, recipe["optim"])
+    decay = get_cosine_schedule_with_warmup if schedule["name"] == "cosine" else get_linear_schedule_with_warmup
+    scheduler = decay(optimizer, schedule["warmup_steps"], schedule["total_steps"])
+    processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    args = TrainingArguments(
+        str(out),
+        per_device_train_batch_size=train["micro_batch_size"],
+        per_device_eval_batch_size=train["eval_batch_size"],
+        gradient_accumulation_steps=train["global_batch_size"] // train["micro_batch_size"],
+        max_steps=schedule["total_steps"],
+        max_grad_norm=recipe["optim"]["max_grad_norm"] or 0.0,
+        bf16=train["mixed_precision"] == "bf16",
+        fp16=train["mixed_precision"] == "fp16",
+        torch_compile=train["compile"],
+        dataloader_num_workers=data["num_workers"],
+        remove_unused_columns=False,  # the transforms need the image column
+        eval_strategy="no",
+        save_strategy="steps",
+        save_steps=train["save_every"],
+        logging_steps=train["log_every"],
+        report_to=train["report_to"] or "none",
+        seed=train["seed"],
+        use_cpu=not torch.cuda.is_available(),  # bf16 on a CPU is refused unless asked for explicitly
+    )
+    times = _Times()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=functools.partial(collate, label_column=label_column),
+        processing_class=processor,
+        compute_metrics=accuracy,
+        optimizers=(optimizer, scheduler),
+        callbacks=[times],
+    )
+    trainer.train()
+    results = {}
+    if test_set is not None:
+        results = trainer.evaluate(test_set, metric_key_prefix="test")
+    trainer.save_model()
+    trainer.create_model_card(model_name=recipe["name"])
+    results |= {
+        "startup_seconds": times.begin - launched,
+        "train_seconds": times.end - times.begin,
+        "finish_seconds": time.perf_counter() - times.end,
+    }
+    (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m vit_hf.bench_trainer RECIPE.json")
+    print(json.dumps(main(sys.argv[1])))
