@@ -7,7 +7,15 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, ViTForImageClassification
 
-from vit_hf.attention import attention_rollout, main, pixels_to_images, prediction_grid, rollout
+from vit_hf.attention import (
+    _jet,
+    attention_rollout,
+    main,
+    pixels_to_images,
+    prediction_grid,
+    rollout,
+    rollout_overlay,
+)
 from vit_hf.convert import load_npz
 from vit_hf.export import save_model_dir
 
@@ -141,3 +149,26 @@ def test_cli_refuses_two_images_whose_maps_would_overwrite_each_other(capsys, mo
 
     assert exit_.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "maps").exists()
+
+
+def test_the_jet_colours_are_matplotlibs():
+    from matplotlib import colormaps
+
+    values = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(
+        _jet(values), colormaps["jet"](values)[:, :3], atol=0.02
+    )  # its look-up table of 256 entries, slopes up to 4.5
+
+
+def test_the_rollout_overlay_shows_the_image_and_reddens_where_the_map_is_hot(cifar_images):
+    images, _ = cifar_images
+    heat = torch.zeros(4, 4)
+    heat[0, 3] = 1.0  # the top right patch
+
+    overlay = rollout_overlay(images[0], heat)
+
+    assert overlay.dtype == np.uint8 and overlay.shape == (32, 64, 3)
+    np.testing.assert_array_equal(overlay[:, :32], images[0])
+    right = overlay[:, 32:].astype(int)
+    hot, cold = right[:4, -4:], right[-4:, :4]
+    assert (hot[..., 0] - hot[..., 2]).mean() > 60 and (cold[..., 2] - cold[..., 0]).mean() > 40  # red vs blue

@@ -15,6 +15,7 @@ import pytest
 import torch
 from launch import run_module
 from PIL import ExifTags, Image, ImageOps
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_finetune import losses, tiny_recipe, write_recipe
 from transformers import pipeline
 from transformers.image_utils import load_image as transformers_load_image
@@ -92,6 +93,13 @@ def test_a_folder_of_mixed_photos_trains_end_to_end_and_serves_its_folder_names(
     assert result.returncode == 0, result.stderr[-3000:]
 
     assert (out / "README.md").is_file() and (out / "training_curves.png").is_file()
+    # The pictures of the end of the run (TensorBoard, the default tracker): the predictions and 4 rollouts.
+    assert "could not draw" not in result.stderr
+    events = EventAccumulator(str(next((out / "runs").rglob("events.out.tfevents.*")).parent)).Reload()
+    pictures = {tag: events.Images(tag)[0] for tag in events.Tags()["images"]}
+    assert sorted(pictures) == ["test/attention_rollout_0", "test/attention_rollout_1", "test/attention_rollout_2",
+                                "test/attention_rollout_3", "test/predictions"]  # fmt: skip
+    assert (pictures["test/attention_rollout_0"].width, pictures["test/attention_rollout_0"].height) == (64, 32)
     results = json.loads((out / "results.json").read_text())
     assert results["eval_samples"] == SPLIT_SIZES["validation"] and results["test_samples"] == SPLIT_SIZES["test"]
     assert results["skipped_images"] == 2  # the broken file, once in each of the 2 epochs

@@ -6,10 +6,11 @@ writes `attention_maps/<image stem>_attention.png` per image: the image and its 
 the predicted label in the title. Attention rollout is Abnar and Zuidema, 2020, "Quantifying Attention Flow in
 Transformers" (https://arxiv.org/abs/2005.00928).
 
-From a training loop:
+From a training loop (plain uint8 pictures drawn with PIL and NumPy: no matplotlib to import at the end of a run):
 
     maps = attention_rollout(model, pixel_values)
-    writer.add_figure("attention/0", rollout_figure(pixels_to_images(pixel_values)[0], maps[0], "cat"), step)
+    overlay = rollout_overlay(pixels_to_images(pixel_values)[0], maps[0])
+    writer.add_image("attention/0", overlay, step, dataformats="HWC")
     writer.add_image("predictions", prediction_grid(images, labels, predictions, class_names), step, dataformats="HWC")
 """
 
@@ -20,9 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 from transformers import ViTForImageClassification
 from transformers.utils.logging import disable_progress_bar
@@ -72,11 +71,13 @@ def pixels_to_images(pixel_values: Tensor) -> np.ndarray:
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def rollout_figure(image: np.ndarray | Image.Image, rollout_map: Tensor | np.ndarray, title: str) -> Figure:
-    """The image, and the image under its rollout heat map, side by side (for `savefig` or `writer.add_figure`).
+def rollout_figure(image: np.ndarray | Image.Image, rollout_map: Tensor | np.ndarray, title: str):
+    """The image, and the image under its rollout heat map, side by side: a matplotlib Figure for `savefig`.
 
     The (grid, grid) map is stretched over the whole image, as the model's resize squashed the image onto its grid.
     """
+    from matplotlib.figure import Figure  # the CLI's: a second of import that a training run does not pay
+
     image = np.asarray(image)
     height, width = image.shape[:2]
     heat = torch.as_tensor(rollout_map).float().cpu().numpy()
@@ -101,32 +102,55 @@ def rollout_figure(image: np.ndarray | Image.Image, rollout_map: Tensor | np.nda
     return figure
 
 
+# The "jet" colour map's knots (position, value) for red, green and blue, as matplotlib defines it.
+_JET = (
+    ((0, 0.35, 0.66, 0.89, 1), (0, 0, 1, 1, 0.5)),
+    ((0, 0.125, 0.375, 0.64, 0.91, 1), (0, 0, 1, 1, 0, 0)),
+    ((0, 0.11, 0.34, 0.65, 1), (0.5, 1, 1, 0, 0)),
+)
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """The "jet" colour map (blue, cyan, yellow, red) of values in [0, 1], as (..., 3) floats in [0, 1]."""
+    return np.stack([np.interp(values, knots, levels) for knots, levels in _JET], axis=-1)
+
+
+def rollout_overlay(image: np.ndarray | Image.Image, rollout_map: Tensor | np.ndarray) -> np.ndarray:
+    """The image, and the image under its rollout heat map (jet, half transparent), side by side: an (H, 2W, 3) uint8
+    array for `writer.add_image(..., dataformats="HWC")`. The map is stretched bilinearly over the whole image."""
+    image = np.asarray(image)
+    heat = torch.as_tensor(rollout_map).float().cpu()[None, None]
+    heat = torch.nn.functional.interpolate(heat, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    heat = (heat / heat.max()).numpy()
+    blended = 0.5 * image / 255 + 0.5 * _jet(heat)
+    return np.concatenate([image, (blended * 255).round().astype(np.uint8)], axis=1)
+
+
 def prediction_grid(
     images: Sequence[np.ndarray | Image.Image],
     labels: Sequence[int],
     predictions: Sequence[int],
     class_names: Sequence[str],
     columns: int = 8,
+    tile: int = 96,
 ) -> np.ndarray:
-    """Images in a grid titled with their predicted class, green when right, red with the true class when wrong.
+    """Images in a grid captioned with their predicted class, green when right, red with the true class when wrong.
 
-    Returns an (H, W, 3) uint8 array, for `writer.add_image(..., dataformats="HWC")`.
+    Returns an (H, W, 3) uint8 array on white, for `writer.add_image(..., dataformats="HWC")`; drawn with PIL.
     """
     columns = min(columns, len(images))
     rows = math.ceil(len(images) / columns)
-    figure = Figure(figsize=(1.5 * columns, 1.8 * rows), layout="constrained", dpi=100)
-    grid = figure.subplots(rows, columns, squeeze=False)
-    for axes in grid.flat:
-        axes.axis("off")
+    caption = 26  # two lines of PIL's default font
+    canvas = Image.new("RGB", (columns * (tile + 4), rows * (tile + caption + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
     for i, (image, label, predicted) in enumerate(zip(images, labels, predictions, strict=True)):
-        axes = grid.flat[i]
-        axes.imshow(np.asarray(image))
+        left, top = (i % columns) * (tile + 4) + 2, (i // columns) * (tile + caption + 4) + 2
+        picture = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image
+        canvas.paste(picture.convert("RGB").resize((tile, tile), Image.BILINEAR), (left, top))
         right = int(label) == int(predicted)
-        title = class_names[predicted] if right else f"{class_names[predicted]}\n(true: {class_names[label]})"
-        axes.set_title(title, fontsize=8, color="green" if right else "red")
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+        text = class_names[predicted] if right else f"{class_names[predicted]}\n(true: {class_names[label]})"
+        draw.multiline_text((left, top + tile + 1), text, fill=(0, 128, 0) if right else (200, 0, 0), spacing=1)
+    return np.asarray(canvas).copy()
 
 
 def _output_paths(paths: Sequence[Path], out_dir: Path) -> list[Path]:

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from vit_hf.errors import UserError
-from vit_hf.files import atomic_dir, fsync_path
+from vit_hf.files import atomic_dir, fsync_path, link_or_copy
 
 STEP_PREFIX = "step_"
 BEST = "best"
@@ -118,14 +118,6 @@ def _processes(count: int) -> str:
     return f"{count} process" if count == 1 else f"{count} processes"
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    """A hard link: checkpoints share the files of one best model; a copy where the file system has no links."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 class Checkpointer:
     """Saves and restores the whole training state of every process: model, optimizer, scheduler, scaler, RNGs,
     `Progress` (registered with the accelerator) and the augmentation generator."""
@@ -156,7 +148,7 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if (self.dir / BEST).is_dir():
-                shutil.copytree(self.dir / BEST, staging / BEST, copy_function=_link_or_copy)
+                shutil.copytree(self.dir / BEST, staging / BEST, copy_function=link_or_copy)
             for path in staging.iterdir():
                 fsync_path(path)
             if final.exists():
@@ -230,7 +222,7 @@ class Checkpointer:
             kept, best = path / BEST, self.dir / BEST
             if kept.is_dir():
                 with atomic_dir(best) as staging:
-                    shutil.copytree(kept, staging, copy_function=_link_or_copy, dirs_exist_ok=True)
+                    shutil.copytree(kept, staging, copy_function=link_or_copy, dirs_exist_ok=True)
             elif progress.best_accuracy < 0 and best.exists():
                 shutil.rmtree(best)
         self.accelerator.wait_for_everyone()

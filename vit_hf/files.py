@@ -100,3 +100,12 @@ def atomic_files_into(out_dir: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """A hard link (files written once and replaced only by renames may be shared); a copy where the file system has
+    no links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

@@ -44,7 +44,7 @@ from vit_hf.ema import WeightAverage
 from vit_hf.errors import RunError, UserError, cli_entry
 from vit_hf.evaluation import evaluate_split, gloo_on_cpu
 from vit_hf.export import MODEL_FILES, load_model_dir, save_model_dir
-from vit_hf.files import atomic_files_into, write_json
+from vit_hf.files import atomic_files_into, link_or_copy, write_json
 from vit_hf.hub import push_to_hub, write_model_card
 from vit_hf.inputs import TrainInputs
 from vit_hf.lora import add_lora, exportable
@@ -394,7 +394,7 @@ class FineTune:
         if accelerator.is_main_process:
             with atomic_files_into(out) as staging:
                 for name in MODEL_FILES:
-                    (staging / name).write_bytes((best / name).read_bytes())
+                    link_or_copy(best / name, staging / name)
             self._log_pictures(model)
             results["wall_seconds"] = time.perf_counter() - self.started
             write_json(out / "results.json", results)
@@ -467,7 +467,7 @@ class FineTune:
         if dataset is None:
             return
         try:
-            from vit_hf.attention import attention_rollout, pixels_to_images, prediction_grid, rollout_figure
+            from vit_hf.attention import attention_rollout, pixels_to_images, prediction_grid, rollout_overlay
 
             batch = self._first_images(dataset, count)
             pixels = self.eval_transform(batch["pixels"].to(self.accelerator.device))
@@ -479,9 +479,8 @@ class FineTune:
             writer.add_image("test/predictions", grid, global_step=0, dataformats="HWC")
             maps = attention_rollout(model, pixels[:4])
             for i in range(len(maps)):
-                title = f"predicted {splits.class_names[predictions[i]]}"
-                figure = rollout_figure(images[i], maps[i], title)
-                writer.add_figure(f"test/attention_rollout_{i}", figure, global_step=0)
+                overlay = rollout_overlay(images[i], maps[i])
+                writer.add_image(f"test/attention_rollout_{i}", overlay, global_step=0, dataformats="HWC")
         except Exception as error:  # noqa: BLE001 - any failure here must not lose the run's results
             logger.warning("could not draw the prediction pictures: %s", " ".join(str(error).split()))
 
