@@ -111,12 +111,9 @@ def optimizer_for(model: torch.nn.Module, optim: dict) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"])
 
 
-def main(recipe_path: str) -> dict:
-    """Train, test and save as RECIPE_PATH (a resolved recipe with a from-scratch model) says; the results."""
-    launched = time.perf_counter() - (time.time() - psutil.Process().create_time())
-    recipe = json.loads(Path(recipe_path).read_text())
-    data, train, schedule = recipe["data"], recipe["train"], recipe["schedule"]
-    out = Path(recipe["output"]["dir"])
+def load_data(recipe: dict) -> tuple:
+    """The train and test splits with the example's per-image transforms, the class names and the label column."""
+    data = recipe["data"]
     source = data["dataset"]
     train_set = datasets.load_dataset(**source, split=data["train_split"])
     test_set = datasets.load_dataset(**source, split=data["test_split"]) if data["test_split"] else None
@@ -131,19 +128,12 @@ def main(recipe_path: str) -> dict:
     )
     if test_set is not None:
         test_set = test_set.with_transform(functools.partial(eval_transform, image_column=image_column, size=size))
+    return train_set, test_set, names, label_column
 
-    torch.manual_seed(train["seed"])
-    labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
-    config = ViTConfig(
-        image_size=size, num_labels=len(names), hidden_dropout_prob=float(recipe["model"]["dropout"]),
-        **BASE_CONFIG | recipe["model"]["config"] | labels,
-    )  # fmt: skip
-    model = ViTForImageClassification(config)
-    optimizer = optimizer_for(model, recipe["optim"])
-    decay = get_cosine_schedule_with_warmup if schedule["name"] == "cosine" else get_linear_schedule_with_warmup
-    scheduler = decay(optimizer, schedule["warmup_steps"], schedule["total_steps"])
-    processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    args = TrainingArguments(
+
+def training_arguments(recipe: dict, out: Path) -> TrainingArguments:
+    data, train, schedule = recipe["data"], recipe["train"], recipe["schedule"]
+    return TrainingArguments(
         str(out),
         per_device_train_batch_size=train["micro_batch_size"],
         per_device_eval_batch_size=train["eval_batch_size"],
@@ -163,10 +153,29 @@ def main(recipe_path: str) -> dict:
         seed=train["seed"],
         use_cpu=not torch.cuda.is_available(),  # bf16 on a CPU is refused unless asked for explicitly
     )
+
+
+def main(recipe_path: str) -> dict:
+    """Train, test and save as RECIPE_PATH (a resolved recipe with a from-scratch model) says; the results."""
+    launched = time.perf_counter() - (time.time() - psutil.Process().create_time())
+    recipe = json.loads(Path(recipe_path).read_text())
+    out, schedule, size = Path(recipe["output"]["dir"]), recipe["schedule"], recipe["model"]["image_size"]
+    train_set, test_set, names, label_column = load_data(recipe)
+    torch.manual_seed(recipe["train"]["seed"])
+    labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+    config = ViTConfig(
+        image_size=size, num_labels=len(names), hidden_dropout_prob=float(recipe["model"]["dropout"]),
+        **BASE_CONFIG | recipe["model"]["config"] | labels,
+    )  # fmt: skip
+    model = ViTForImageClassification(config)
+    optimizer = optimizer_for(model, recipe["optim"])
+    decay = get_cosine_schedule_with_warmup if schedule["name"] == "cosine" else get_linear_schedule_with_warmup
+    scheduler = decay(optimizer, schedule["warmup_steps"], schedule["total_steps"])
+    processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     times = _Times()
     trainer = Trainer(
         model=model,
-        args=args,
+        args=training_arguments(recipe, out),
         train_dataset=train_set,
         data_collator=functools.partial(collate, label_column=label_column),
         processing_class=processor,
@@ -175,9 +184,7 @@ def main(recipe_path: str) -> dict:
         callbacks=[times],
     )
     trainer.train()
-    results = {}
-    if test_set is not None:
-        results = trainer.evaluate(test_set, metric_key_prefix="test")
+    results = trainer.evaluate(test_set, metric_key_prefix="test") if test_set is not None else {}
     trainer.save_model()
     trainer.create_model_card(model_name=recipe["name"])
     results |= {
