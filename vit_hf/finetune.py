@@ -103,37 +103,9 @@ class FineTune:
         self.accelerator = accelerator = self._make_accelerator()
         resume_path = resolve_resume(self.out / "checkpoints", resume)
         set_seed(self.cfg["seed"])
-        with accelerator.local_main_process_first():  # downloads land in a cache local to each machine
-            self.splits = load_splits(recipe["data"], seed=self.cfg["seed"], streaming_ok=True)
-            model = build_model(recipe["model"], self.splits.class_names)
-        if recipe["model"]["lora"] is not None:  # before stochastic depth: its hooks go on the adapted layers
-            model = add_lora(model, recipe["model"]["lora"])
-        self.auto_micro_batch = self.cfg["micro_batch_size"] == "auto"
-        if self.auto_micro_batch:
-            self._choose_micro_batch(model, resume_path)
-        if recipe["model"]["drop_path"]:
-            add_stochastic_depth(model, recipe["model"]["drop_path"])
-        if self.cfg["gradient_checkpointing"]:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        train_loader, self.eval_loaders = self._make_loaders()
-        optimizer = make_optimizer(model, recipe["optim"])
-        scheduler = make_schedule(optimizer, recipe["schedule"])
-        if self.splits.streaming:  # streams split themselves across the processes (vit_hf.streaming), unprepared
-            self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        else:
-            self.model, self.optimizer, train_loader, self.scheduler = accelerator.prepare(
-                model, optimizer, train_loader, scheduler
-            )
-            self.eval_loaders = {name: accelerator.prepare(loader) for name, loader in self.eval_loaders.items()}
+        model = self._build_model(resume_path)
+        train_loader = self._prepare(model)
         self.eval_transform = DeviceTransform(recipe["model"]["image_size"], train=False)
-        self.progress = Progress()
-        accelerator.register_for_checkpointing(self.progress)
-        self.ema = None
-        if self.cfg["ema_decay"] is not None:
-            self.ema = WeightAverage(accelerator.unwrap_model(self.model), self.cfg["ema_decay"])
-            accelerator.register_for_checkpointing(self.ema)
-        if self.splits.streaming:  # every process's stream position (the Progress data counters stay 0)
-            accelerator.register_for_checkpointing(train_loader)
         # The augmentations' own generator on the device, one stream per process, saved in every checkpoint.
         seed = self.cfg["seed"] * 1_000_003 + accelerator.process_index
         generator = torch.Generator(accelerator.device).manual_seed(seed)
@@ -152,6 +124,48 @@ class FineTune:
         self.stream = self._micro_batches(train_loader)
         self.window = UpdateWindow(accelerator.device)
         self.max_norm = recipe["optim"]["max_grad_norm"] or math.inf
+
+    def _build_model(self, resume_path: Path | None) -> torch.nn.Module:
+        """The data set's splits, and the recipe's model on its classes: adapters, drop path, checkpointing, and the
+        micro-batch found on it with "auto"."""
+        recipe = self.recipe
+        with self.accelerator.local_main_process_first():  # downloads land in a cache local to each machine
+            self.splits = load_splits(recipe["data"], seed=self.cfg["seed"], streaming_ok=True)
+            model = build_model(recipe["model"], self.splits.class_names)
+        if recipe["model"]["lora"] is not None:  # before stochastic depth: its hooks go on the adapted layers
+            model = add_lora(model, recipe["model"]["lora"])
+        self.auto_micro_batch = self.cfg["micro_batch_size"] == "auto"
+        if self.auto_micro_batch:
+            self._choose_micro_batch(model, resume_path)
+        if recipe["model"]["drop_path"]:
+            add_stochastic_depth(model, recipe["model"]["drop_path"])
+        if self.cfg["gradient_checkpointing"]:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def _prepare(self, model: torch.nn.Module):
+        """Model, optimizer, schedule and loaders through `accelerator.prepare`, and the state every checkpoint holds
+        besides them (`Progress`, the weight average, a stream's position); the training loader."""
+        accelerator = self.accelerator
+        train_loader, self.eval_loaders = self._make_loaders()
+        optimizer = make_optimizer(model, self.recipe["optim"])
+        scheduler = make_schedule(optimizer, self.recipe["schedule"])
+        if self.splits.streaming:  # streams split themselves across the processes (vit_hf.streaming), unprepared
+            self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        else:
+            self.model, self.optimizer, train_loader, self.scheduler = accelerator.prepare(
+                model, optimizer, train_loader, scheduler
+            )
+            self.eval_loaders = {name: accelerator.prepare(loader) for name, loader in self.eval_loaders.items()}
+        self.progress = Progress()
+        accelerator.register_for_checkpointing(self.progress)
+        self.ema = None
+        if self.cfg["ema_decay"] is not None:
+            self.ema = WeightAverage(accelerator.unwrap_model(self.model), self.cfg["ema_decay"])
+            accelerator.register_for_checkpointing(self.ema)
+        if self.splits.streaming:  # every process's stream position (the Progress data counters stay 0)
+            accelerator.register_for_checkpointing(train_loader)
+        return train_loader
 
     def _choose_micro_batch(self, model: torch.nn.Module, resume_path: Path | None) -> None:
         """`train.micro_batch_size: "auto"`: the first run's choice (in its recipe.json) on resume, else the largest
