@@ -84,8 +84,10 @@ class StopSignals:
             return self.signal is not None
         flag = torch.tensor([self.signal or 0], dtype=torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
-        self.signal = self.signal or int(flag) or None
-        return self.signal is not None
+        # The answer is the reduced flag alone: a signal arriving after it was read here counts at the next update.
+        agreed = int(flag)
+        self.signal = self.signal or agreed or None
+        return agreed != 0
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
