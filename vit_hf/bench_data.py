@@ -31,9 +31,7 @@ import argparse
 import ctypes
 import functools
 import json
-import math
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from vit_hf.bench_trainer import collate, train_transform
 from vit_hf.data import DeviceTransform, load_splits, make_loader
 from vit_hf.errors import UserError, cli_entry
 from vit_hf.predict import image_paths
@@ -55,52 +54,18 @@ BASELINE = "transformers example: per-image PIL transforms in the workers"
 OURS = "vit_hf: uint8 loader + DeviceTransform"
 
 
-def example_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """(left, top, width, height): torchvision's RandomResizedCrop.get_params, with Python's random module."""
-    for _ in range(10):
-        area = width * height * random.uniform(*CROP_SCALE)
-        aspect = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
-        crop_width, crop_height = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            left, top = random.randint(0, width - crop_width), random.randint(0, height - crop_height)
-            return left, top, crop_width, crop_height
-    crop_width, crop_height = min(width, round(height * 4 / 3)), min(height, round(width * 4 / 3))
-    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
-
-
-def example_train_image(image: Image.Image, size: int) -> torch.Tensor:
-    """RandomResizedCrop(size), RandomHorizontalFlip(), ToTensor(), Normalize(0.5, 0.5) of one PIL image, as
-    torchvision's transforms (v1, the example's) do them on a PIL image: crop, then resize the copy."""
-    left, top, width, height = example_crop_box(image.width, image.height)
-    image = image.crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
-    if random.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
-    mean = std = torch.tensor([0.5, 0.5, 0.5]).view(-1, 1, 1)
-    return pixels.clone().sub_(mean).div_(std)  # Normalize(inplace=False) works on a clone
-
-
-def example_train_transforms(examples: dict, image_column: str, size: int) -> dict:
-    """The example's `with_transform` function: each image of a batch of rows on its own."""
-    examples["pixel_values"] = [example_train_image(image.convert("RGB"), size) for image in examples[image_column]]
-    return examples
-
-
-def example_collate(examples: list[dict], label_column: str) -> dict:
-    pixel_values = torch.stack([example["pixel_values"] for example in examples])
-    return {"pixel_values": pixel_values, "labels": torch.tensor([example[label_column] for example in examples])}
-
-
 def example_loader(dataset, image_column: str, label_column: str, args: argparse.Namespace) -> DataLoader:
     """The example's pipeline, with our loader's DataLoader settings."""
     workers = args.num_workers
     return DataLoader(
         dataset.with_transform(
-            functools.partial(example_train_transforms, image_column=image_column, size=args.image_size)
+            functools.partial(
+                train_transform, image_column=image_column, size=args.image_size, scale=CROP_SCALE, hflip=True
+            )
         ),
         batch_size=args.batch_size,
         shuffle=True,
-        collate_fn=functools.partial(example_collate, label_column=label_column),
+        collate_fn=functools.partial(collate, label_column=label_column),
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,

@@ -43,39 +43,48 @@ BASE_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads
 BASE_CONFIG |= {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
 
 
-def random_resized_crop_box(width: int, height: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of torchvision's RandomResizedCrop (aspect ratio 3/4 to 4/3), with `random`."""
+def example_crop_box(width: int, height: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(left, top, width, height): torchvision's RandomResizedCrop.get_params (aspect ratio 3/4 to 4/3), with
+    Python's random module."""
     for _ in range(10):
         area = width * height * random.uniform(*scale)
         aspect = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = random.randint(0, width - w), random.randint(0, height - h)
-            return left, top, left + w, top + h
-    w, h = min(width, round(height * 4 / 3)), min(height, round(width * 4 / 3))
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
+        crop_width, crop_height = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            left, top = random.randint(0, width - crop_width), random.randint(0, height - crop_height)
+            return left, top, crop_width, crop_height
+    crop_width, crop_height = min(width, round(height * 4 / 3)), min(height, round(width * 4 / 3))
+    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
 
 
-def to_pixels(image: Image.Image) -> torch.Tensor:
-    """ToTensor then Normalize(0.5, 0.5): (3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(127.5).sub(1)
+def example_pixels(image: Image.Image) -> torch.Tensor:
+    """ToTensor() then Normalize(0.5, 0.5) as torchvision does them: (3, H, W) float32 in [-1, 1]."""
+    pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
+    mean = std = torch.tensor([0.5, 0.5, 0.5]).view(-1, 1, 1)
+    return pixels.clone().sub_(mean).div_(std)  # Normalize(inplace=False) works on a clone
+
+
+def example_train_image(image: Image.Image, size: int, scale: tuple[float, float], hflip: bool) -> torch.Tensor:
+    """RandomResizedCrop(size, scale), RandomHorizontalFlip() if HFLIP, ToTensor(), Normalize(0.5, 0.5) of one PIL
+    image, as torchvision's transforms (v1, the transformers example's) do them: crop, then resize the copy."""
+    left, top, width, height = example_crop_box(image.width, image.height, scale)
+    image = image.crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
+    if hflip and random.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return example_pixels(image)
 
 
 def train_transform(rows: dict, image_column: str, size: int, scale: tuple[float, float], hflip: bool) -> dict:
-    pixels = []
-    for image in rows[image_column]:
-        image = image.convert("RGB")
-        image = image.resize((size, size), Image.BILINEAR, box=random_resized_crop_box(*image.size, scale))
-        if hflip and random.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels.append(to_pixels(image))
-    return rows | {"pixel_values": pixels}
+    """The example's `with_transform` function for training: each image of a batch of rows on its own."""
+    images = [example_train_image(image.convert("RGB"), size, scale, hflip) for image in rows[image_column]]
+    return rows | {"pixel_values": images}
 
 
 def eval_transform(rows: dict, image_column: str, size: int) -> dict:
     return rows | {
-        "pixel_values": [to_pixels(i.convert("RGB").resize((size, size), Image.BILINEAR)) for i in rows[image_column]]
+        "pixel_values": [
+            example_pixels(image.convert("RGB").resize((size, size), Image.BILINEAR)) for image in rows[image_column]
+        ]
     }
 
 
