@@ -401,17 +401,17 @@ class FineTune:
             self._save_model(best)  # no minival: the last model is the one exported
         # Every process loads the exported model whole, so that scoring it needs no sharded state.
         model = load_model_dir(best).to(accelerator.device)
-        results = self._results()
+        results, evaluated = self._results(), {}
         for name in self.eval_loaders:
             # The exported model's minival score is logged apart: the minival curve stays that of the training weights.
-            result = self.evaluate(name, model, log_as="eval_exported" if name == "eval" else name)
+            evaluated[name] = result = self.evaluate(name, model, log_as="eval_exported" if name == "eval" else name)
             results |= {f"{name}_{key}": result[key] for key in ("accuracy", "samples")}
             results[f"{name}_loss"] = result["loss_mean"]
         if accelerator.is_main_process:
             with atomic_files_into(out) as staging:
                 for name in MODEL_FILES:
                     link_or_copy(best / name, staging / name)
-            self._log_pictures(model)
+            self._log_pictures(model, evaluated)
             results["wall_seconds"] = time.perf_counter() - self.started
             write_json(out / "results.json", results)
             write_model_card(out)
@@ -471,27 +471,27 @@ class FineTune:
         rows = dataset.select(range(min(count, len(dataset))))
         return next(iter(self._loader(rows, len(rows), train=False)))
 
-    def _log_pictures(self, model, count: int = 16) -> None:
+    def _log_pictures(self, model, evaluated: dict, count: int = 16) -> None:
         """A grid of predictions and a few attention rollouts of the first test (or minival) images, to TensorBoard.
 
-        A picture is a nicety: if it fails, the run says so and still writes its results and card.
+        The predictions are those of the split's evaluation just done (EVALUATED, by split name), where its rows
+        are known; a picture is a nicety: if it fails, the run says so and still writes its results and card.
         """
         if "tensorboard" not in self.cfg["report_to"]:
             return
         splits = self.splits
-        dataset = splits.test if splits.test is not None else splits.eval
-        if dataset is None:
+        name = "test" if splits.test is not None else "eval"
+        if name not in evaluated:
             return
         try:
             from vit_hf.attention import attention_rollout, pixels_to_images, prediction_grid, rollout_overlay
 
-            batch = self._first_images(dataset, count)
+            batch = self._first_images(splits.test if name == "test" else splits.eval, count)
             pixels = self.eval_transform(batch["pixels"].to(self.accelerator.device))
-            with torch.inference_mode():
-                predictions = model(pixel_values=pixels).logits.argmax(-1).cpu()
+            predictions = self._predictions_of(model, batch["index"].tolist(), pixels, evaluated[name])
             images = pixels_to_images(pixels)
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            grid = prediction_grid(images, batch["labels"].tolist(), predictions.tolist(), splits.class_names)
+            grid = prediction_grid(images, batch["labels"].tolist(), predictions, splits.class_names)
             writer.add_image("test/predictions", grid, global_step=0, dataformats="HWC")
             maps = attention_rollout(model, pixels[:4])
             for i in range(len(maps)):
@@ -499,6 +499,15 @@ class FineTune:
                 writer.add_image(f"test/attention_rollout_{i}", overlay, global_step=0, dataformats="HWC")
         except Exception as error:  # noqa: BLE001 - any failure here must not lose the run's results
             logger.warning("could not draw the prediction pictures: %s", " ".join(str(error).split()))
+
+    def _predictions_of(self, model, rows: list[int], pixels: torch.Tensor, evaluated: dict) -> list[int]:
+        """The class predicted for each of ROWS: looked up in the split's evaluation (row numbers of a map-style
+        split), or, for a stream's rows, computed again from PIXELS."""
+        predicted = dict(zip(evaluated["index"].tolist(), evaluated["predictions"].tolist(), strict=True))
+        if self.splits.streaming or not all(row in predicted for row in rows):
+            with torch.inference_mode():
+                return model(pixel_values=pixels).logits.argmax(-1).tolist()
+        return [predicted[row] for row in rows]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

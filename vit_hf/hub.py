@@ -15,6 +15,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
 
+from vit_hf.charts import Series, line_charts
 from vit_hf.download import CATALOG
 from vit_hf.errors import UserError
 from vit_hf.export import MODEL_FILES, check_model_dir
@@ -30,10 +31,10 @@ UPLOADED = (*MODEL_FILES, CARD, "recipe.json", "results.json", CURVES)
 PAPER = "https://arxiv.org/abs/2010.11929"
 # The evaluated splits: their name in the card, their field in the recipe's data section, their key in results.json.
 REPORTED_SPLITS = tuple((name, SPLIT_FIELDS[key], key) for name, key in (("test", "test"), ("minival", "eval")))
-# Minival is evaluated every few hundred steps (a line); test once, at the end (a star).
+# Minival is evaluated every few hundred steps (a line with dots); test once, at the end (a star).
 EVAL_STYLES = {
-    "eval": {"color": "tab:orange", "marker": "o", "markersize": 4, "label": "minival"},
-    "test": {"color": "tab:green", "marker": "*", "markersize": 12, "linestyle": "none", "label": "test"},
+    "eval": {"colour": "tab:orange", "marker": "o", "label": "minival"},
+    "test": {"colour": "tab:green", "marker": "*", "line": False, "label": "test"},
 }
 
 
@@ -62,24 +63,17 @@ def plot_training_curves(scalars: dict[str, list[tuple[int, float]]], path: str 
     """
     if not any(tag in scalars for tag in ("train/loss", "eval/loss", "eval/accuracy", "test/accuracy")):
         return None
-    from matplotlib.figure import Figure  # imported here: a run pays for matplotlib only when it draws
-
-    figure = Figure(figsize=(10, 3.8), layout="constrained")
-    loss, accuracy = figure.subplots(1, 2)
+    loss, accuracy = [], []
     if "train/loss" in scalars:
-        steps, values = zip(*scalars["train/loss"], strict=True)
-        loss.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
-        loss.plot(steps, _smooth(list(values)), color="tab:blue", label="train (smoothed)")
-    for axes, metric in ((loss, "loss"), (accuracy, "accuracy")):
+        values = [value for _, value in scalars["train/loss"]]
+        steps = [step for step, _ in scalars["train/loss"]]
+        loss.append(Series(scalars["train/loss"], "tab:blue", alpha=0.25, width=1))
+        loss.append(Series(list(zip(steps, _smooth(values), strict=True)), "tab:blue", label="train (smoothed)"))
+    for series, metric in ((loss, "loss"), (accuracy, "accuracy")):
         for split, style in EVAL_STYLES.items():
             if f"{split}/{metric}" in scalars:
-                axes.plot(*zip(*scalars[f"{split}/{metric}"], strict=True), **style)
-        axes.set_title(metric)
-        axes.set_xlabel("step")
-        axes.grid(alpha=0.3)
-        if axes.has_data():
-            axes.legend()
-    figure.savefig(path, dpi=100)
+                series.append(Series(scalars[f"{split}/{metric}"], **style))
+    line_charts([("loss", loss), ("accuracy", accuracy)], x_label="step").save(path, format="PNG")
     return Path(path)
 
 
