@@ -1,10 +1,10 @@
 """Evaluation over a split on any number of processes, every sample counted exactly once."""
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 
 import datasets
-import evaluate
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,19 +17,30 @@ def gloo_on_cpu() -> bool:
     return "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
 
 
-class Accuracy(evaluate.Metric):
-    """Top-1 accuracy as an `evaluate` metric defined here, so it works offline (no script from the Hub)."""
+@functools.cache
+def accuracy_metric() -> type:
+    """Top-1 accuracy as an `evaluate` metric class defined here, so that it works offline (no script from the Hub).
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Fraction of predictions equal to the reference label.",
-            citation="",
-            inputs_description="predictions and references: class ids",
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
-        )
+    `evaluate` is imported at the first evaluation, not with this module: it brings transformers' pipelines and
+    scipy.stats, about 1.3 s of import on the 2-core machine, which a run that never evaluates need not pay.
+    """
+    import evaluate
 
-    def _compute(self, predictions, references) -> dict:
-        return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
+    class Accuracy(evaluate.Metric):
+        def _info(self) -> evaluate.MetricInfo:
+            return evaluate.MetricInfo(
+                description="Fraction of predictions equal to the reference label.",
+                citation="",
+                inputs_description="predictions and references: class ids",
+                features=datasets.Features(
+                    {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+                ),
+            )
+
+        def _compute(self, predictions, references) -> dict:
+            return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
+
+    return Accuracy
 
 
 def evaluate_split(
@@ -61,7 +72,7 @@ def evaluate_split(
     stacked = {key: torch.cat(values).to(accelerator.device) for key, values in local.items()}
     result = gather_rows(stacked, accelerator)
     result["predictions"] = result["top_k"][:, 0]
-    metric = Accuracy()
+    metric = accuracy_metric()()
     result["accuracy"] = metric.compute(predictions=result["predictions"], references=result["labels"])["accuracy"]
     result["loss_mean"] = float(result["loss"].mean())
     result["samples"] = len(result["index"])

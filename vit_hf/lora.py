@@ -6,17 +6,24 @@ run exports holds plain ViT weights with the adapters merged (W + alpha / r * B 
 `pipeline("image-classification")` load without peft.
 """
 
+import sys
+from typing import TYPE_CHECKING
+
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import ViTForImageClassification
+
+if TYPE_CHECKING:  # peft is imported by add_lora: a third of a second that runs without LoRA do not pay
+    from peft import PeftModel
 
 HEAD = "classifier"
 ADAPTER = "default"  # peft's name for a model's only adapter
 PREFIX = "base_model.model."  # where a PeftModel keeps the model it adapts, in its state dict
 
 
-def add_lora(model: ViTForImageClassification, lora: dict) -> PeftModel:
+def add_lora(model: ViTForImageClassification, lora: dict) -> "PeftModel":
     """MODEL with adapters as the recipe's `model.lora` section says; every other weight but the head frozen."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=lora["r"],
         lora_alpha=lora["alpha"],
@@ -27,7 +34,7 @@ def add_lora(model: ViTForImageClassification, lora: dict) -> PeftModel:
     return get_peft_model(model, config, adapter_name=ADAPTER)
 
 
-def merged_state_dict(model: PeftModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: "PeftModel", state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The plain ViTForImageClassification weights of MODEL's full STATE (e.g. gathered under FSDP).
 
     An adapted layer's weight becomes W + scaling * B @ A; the head's trained copy replaces the original; the adapters
@@ -55,6 +62,7 @@ def exportable(
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
     """The model and weights a model folder is saved from: a LoRA model's plain ViT and its merged weights (from STATE,
     or the model's own when None); any other model as it is."""
-    if not isinstance(model, PeftModel):
+    peft = sys.modules.get("peft")  # a LoRA model was made by add_lora, which imported it
+    if peft is None or not isinstance(model, peft.PeftModel):
         return model, state
     return model.get_base_model(), merged_state_dict(model, model.state_dict() if state is None else state)
