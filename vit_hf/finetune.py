@@ -211,16 +211,18 @@ class FineTune:
             )
         return accelerator
 
-    def _loader(self, dataset, batch_size: int, train: bool):
+    def _loader(self, dataset, batch_size: int, train: bool, workers: int | None = None):
         """Training batches carry the crop and flip settings: photos larger than the model are cropped in the
         workers (see `vit_hf.data`); evaluation batches are whole images. A streamed split (data.streaming) gets a
-        `StreamLoader` of this process's part: evaluation ones even out the batch counts of the processes."""
+        `StreamLoader` of this process's part: evaluation ones even out the batch counts of the processes. WORKERS
+        replaces data.num_workers (a batch or two read at once is quicker without starting worker processes)."""
         data, augment = self.recipe["data"], self.recipe["data"]["augment"] or {}
+        workers = data["num_workers"] if workers is None else workers
         if self.splits.streaming and isinstance(dataset, StreamSplit):
             accelerator = self.accelerator
             return make_stream_loader(
                 dataset, self.splits.image_column, self.splits.label_column, len(self.splits.class_names),
-                batch_size, shuffle=train, seed=self.cfg["seed"], num_workers=data["num_workers"],
+                batch_size, shuffle=train, seed=self.cfg["seed"], num_workers=workers,
                 shuffle_buffer=data["shuffle_buffer"], bad_images=data["bad_images"],
                 image_size=self.recipe["model"]["image_size"], crop_scale=augment.get("crop_scale") if train else None,
                 hflip=train and augment.get("hflip", False), process_index=accelerator.process_index,
@@ -228,7 +230,7 @@ class FineTune:
             )  # fmt: skip
         return make_loader(
             dataset, self.splits.image_column, self.splits.label_column, batch_size,
-            shuffle=train, seed=self.cfg["seed"], num_workers=data["num_workers"], drop_last=train,
+            shuffle=train, seed=self.cfg["seed"], num_workers=workers, drop_last=train,
             bad_images=data["bad_images"], image_size=self.recipe["model"]["image_size"],
             crop_scale=augment.get("crop_scale") if train else None, hflip=train and augment.get("hflip", False),
         )  # fmt: skip
@@ -469,7 +471,7 @@ class FineTune:
             )  # fmt: skip
             return next(iter(loader))
         rows = dataset.select(range(min(count, len(dataset))))
-        return next(iter(self._loader(rows, len(rows), train=False)))
+        return next(iter(self._loader(rows, len(rows), train=False, workers=0)))
 
     def _log_pictures(self, model, evaluated: dict, count: int = 16) -> None:
         """A grid of predictions and a few attention rollouts of the first test (or minival) images, to TensorBoard.
