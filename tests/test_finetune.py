@@ -341,7 +341,7 @@ def test_tiny_vit_from_scratch_learns_real_cifar10(cifar10_dir, tmp_path):
                 "num_hidden_layers": 3,
                 "num_attention_heads": 4,
                 "intermediate_size": 128,
-                "patch_size": 4,
+                "patch_size": 8,  # 16 tokens: a quarter of the compute of patch 4, and it learns faster here
             },
         },  # fmt: skip
         data={
@@ -350,7 +350,7 @@ def test_tiny_vit_from_scratch_learns_real_cifar10(cifar10_dir, tmp_path):
             "test_split": "test[:1000]",
             "augment": {"crop_scale": [0.5, 1.0], "hflip": True},
         },  # fmt: skip
-        optim={"name": "adamw", "lr": 0.002, "weight_decay": 0.05, "max_grad_norm": 1.0},
+        optim={"name": "adamw", "lr": 0.003, "weight_decay": 0.05, "max_grad_norm": 1.0},
         schedule={"name": "cosine", "warmup_steps": 20, "total_steps": 400},
         train={
             "global_batch_size": 64,
