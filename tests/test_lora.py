@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from launch import offline_env
+from launch import offline_env, one_line_error
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 from safetensors.torch import load_file
@@ -20,6 +20,7 @@ from transformers import AutoImageProcessor, ViTForImageClassification
 from vit_hf.convert import load_npz
 from vit_hf.errors import UserError
 from vit_hf.export import save_model_dir
+from vit_hf.finetune import main as finetune_main
 from vit_hf.recipe import load_recipe, resolve_recipe
 
 # Rank 4 with alpha 16: a scaling of 4, so a merge that forgets it cannot pass; fc1 is wider than the attention.
@@ -208,15 +209,14 @@ def test_lora_needs_a_pretrained_model_and_fills_its_defaults():
 
 
 @pytest.mark.slow  # a process of its own: seconds of imports
-def test_a_bad_lora_section_is_one_line_exit_2(tmp_path):
+def test_a_bad_lora_section_is_one_line_exit_2(tmp_path, capsys):
+    # In this process: test_finetune's bad-recipe test runs the command line in a process of its own.
     raw = {"model": {"lora": {"target_modules": ["q_proj", "qkv"]}}, "output": {"dir": str(tmp_path / "o")}}
     recipe = write_recipe(tmp_path, raw)
-    result = finetune(recipe)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert one_line_error(finetune_main, [str(recipe)], capsys) == (
         f'error: {recipe}: model.lora.target_modules: "qkv" is not a Linear layer of transformers\' ViTLayer '
-        "(q_proj, k_proj, v_proj, o_proj, fc1, fc2)"
-    ]
+        "(q_proj, k_proj, v_proj, o_proj, fc1, fc2)\n"
+    )
     assert not (tmp_path / "o").exists()
 
 
