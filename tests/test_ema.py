@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from test_finetune import finetune, tiny_recipe, weights, write_recipe
+from test_finetune import run_here, tiny_recipe, weights
 
 from vit_hf.ema import WeightAverage
 from vit_hf.recipe import resolve_recipe
@@ -50,8 +50,7 @@ def test_the_loop_averages_every_update_exports_the_better_and_resumes_exactly(c
         "data": {"augment": {"crop_scale": [0.5, 1.0]}},
     }
     unbroken = tmp_path / "unbroken"
-    result = finetune(write_recipe(tmp_path, tiny_recipe(cifar10_dir, unbroken, **sections), "a.json"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_here(tiny_recipe(cifar10_dir, unbroken, **sections))
     checkpoints = unbroken / "checkpoints"
 
     # The average of the weights after updates 1..6, by hand, from the checkpoints of each update.
@@ -80,9 +79,7 @@ def test_the_loop_averages_every_update_exports_the_better_and_resumes_exactly(c
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoints / "step_3", resumed / "checkpoints" / "step_3")
-    recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, resumed, **sections), "b.json")
-    result = finetune(recipe, "--resume", "auto")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_here(tiny_recipe(cifar10_dir, resumed, **sections), resume="auto")
     again = _ema_state(resumed / "checkpoints" / "step_6")
     for key, value in averaged["weights"].items():
         torch.testing.assert_close(again["weights"][key], value, rtol=0, atol=1e-6, msg=key)
