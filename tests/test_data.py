@@ -663,8 +663,8 @@ def test_training_decodes_a_jpeg_at_reduced_scale_only_as_far_as_its_crop_box_al
 
 
 def test_eval_batches_of_photos_match_the_vit_image_processor(photos):
-    # The whole photo resized to the model's size, whatever its size: PNG exactly as PIL, drafted JPEG within its
-    # DCT scaling (measured: 4 levels at most at 224 px; 20 allowed at 64 px here).
+    # The whole photo resized to the model's size, whatever its size: PNG within a level of PIL (pil_resize),
+    # drafted JPEG within its DCT scaling (measured: 4 levels at most at 224 px; 20 allowed at 64 px here).
     ours = DeviceTransform(64, train=False)(first_batch(encoded_dataset(photos), image_size=64)["pixels"])
     expected = vit_processor(64)(photos, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(ours, expected, atol=PIL_ROUNDING, rtol=0)
