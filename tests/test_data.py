@@ -662,6 +662,24 @@ def test_training_decodes_a_jpeg_at_reduced_scale_only_as_far_as_its_crop_box_al
             assert_resized_as_pil(pixels, full)
 
 
+def test_a_prepared_batch_of_jpegs_holds_one_decoded_photo_at_a_time(photos, monkeypatch):
+    # Pillow's own count of its pixel blocks, read as each photo is resized: each decoded photo is freed once its
+    # crop is cut, so the worker's memory does not grow with the batch size.
+    live = []
+    resized = data_module._resized
+
+    def spy(*args):
+        stats = Image.core.get_stats()
+        live.append(stats["allocated_blocks"] - stats["freed_blocks"])
+        return resized(*args)
+
+    monkeypatch.setattr(data_module, "_resized", spy)
+    jpegs = encoded_dataset(photos, "JPEG", quality=95)
+    # At 160 px none is drafted: each result is torch's, no PIL image of its own (drafted ones are PIL's).
+    first_batch(jpegs, image_size=160, crop_scale=(0.05, 1.0))
+    assert len(live) == len(photos) and live == [live[0]] * len(photos)
+
+
 def test_eval_batches_of_photos_match_the_vit_image_processor(photos):
     # The whole photo resized to the model's size, whatever its size: PNG within a level of PIL (pil_resize),
     # drafted JPEG within its DCT scaling (measured: 4 levels at most at 224 px; 20 allowed at 64 px here).
