@@ -662,7 +662,8 @@ def test_training_decodes_a_jpeg_at_reduced_scale_only_as_far_as_its_crop_box_al
             assert_resized_as_pil(pixels, full)
 
 
-def test_a_prepared_batch_of_jpegs_holds_one_decoded_photo_at_a_time(photos, monkeypatch):
+@pytest.mark.parametrize("kind", ["JPEG", "PNG"])
+def test_a_prepared_batch_holds_one_decoded_photo_at_a_time(photos, monkeypatch, kind):
     # Pillow's own count of its pixel blocks, read as each photo is resized: each decoded photo is freed once its
     # crop is cut, so the worker's memory does not grow with the batch size.
     live = []
@@ -674,9 +675,8 @@ def test_a_prepared_batch_of_jpegs_holds_one_decoded_photo_at_a_time(photos, mon
         return resized(*args)
 
     monkeypatch.setattr(data_module, "_resized", spy)
-    jpegs = encoded_dataset(photos, "JPEG", quality=95)
-    # At 160 px none is drafted: each result is torch's, no PIL image of its own (drafted ones are PIL's).
-    first_batch(jpegs, image_size=160, crop_scale=(0.05, 1.0))
+    # At 160 px no JPEG is drafted: each result is torch's, no PIL image of its own (drafted ones are PIL's).
+    first_batch(encoded_dataset(photos, kind), image_size=160, crop_scale=(0.05, 1.0))
     assert len(live) == len(photos) and live == [live[0]] * len(photos)
 
 

@@ -164,9 +164,9 @@ def oriented_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
     return buffer.getvalue()
 
 
-def upright(jpeg: bytes) -> Image.Image:
+def upright(encoded: bytes) -> Image.Image:
     """The reference: PIL's full decode, then exif_transpose."""
-    return ImageOps.exif_transpose(Image.open(io.BytesIO(jpeg))).convert("RGB")
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(encoded))).convert("RGB")
 
 
 def jpeg_dataset(jpegs: list[bytes]) -> datasets.Dataset:
@@ -210,6 +210,34 @@ def test_eval_and_fixed_train_boxes_see_the_photo_upright_as_exif_transpose_does
     for (top, left, height, width), pixels in zip(boxes, train_batch["pixels"], strict=True):
         expected = reference.crop((left, top, left + width, top + height)).resize((64, 64), Image.BILINEAR)
         assert_close_to_upright(hwc(pixels), expected, orientation)
+
+
+def oriented_png(pixels: np.ndarray, orientation: int, exif_after_pixels: bool = False) -> bytes:
+    """A PNG with an EXIF orientation; its eXIf chunk before the IDAT (where Pillow writes it) or after, as the
+    format also allows."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", exif=exif)
+    png, position, chunks = buffer.getvalue(), 8, []
+    while position < len(png):
+        length = int.from_bytes(png[position : position + 4], "big")
+        chunks.append(png[position : position + 12 + length])
+        position += 12 + length
+    assert [chunk[4:8] for chunk in chunks] == [b"IHDR", b"eXIf", b"IDAT", b"IEND"]
+    header, exif_chunk, pixel_chunk, end = chunks
+    return png[:8] + header + (pixel_chunk + exif_chunk if exif_after_pixels else exif_chunk + pixel_chunk) + end
+
+
+@pytest.mark.parametrize("exif_after_pixels", [False, True])
+def test_a_png_is_seen_upright_wherever_its_exif_chunk_lies(exif_after_pixels):
+    png = oriented_png(asymmetric_pixels(120, 100), 6, exif_after_pixels)
+    # Opening reads the chunks before the pixels only; PIL's own full reading finds the orientation either way.
+    assert ("exif" in Image.open(io.BytesIO(png)).info) != exif_after_pixels
+    reference = upright(png)
+    assert reference.size == (100, 120)
+    batch = batch_of(jpeg_dataset([png] * 2), image_size=64)
+    assert_close_to_upright(hwc(batch["pixels"][0]), reference.resize((64, 64), Image.BILINEAR), 6)
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6, 7])

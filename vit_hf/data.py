@@ -547,9 +547,34 @@ def _open(image: dict) -> _Opened:
     """The stored image, opened, with the orientation datasets' Image decode and transformers' `load_image` apply:
     the EXIF (or XMP) Orientation tag, read as `PIL.ImageOps.exif_transpose` reads it."""
     opened = PIL.Image.open(io.BytesIO(image["bytes"]) if image["bytes"] is not None else image["path"])
-    # A JPEG's EXIF is in its header; PNG's getexif decodes the image first, as its eXIf chunk may follow the pixels.
-    orientation = opened.getexif().get(PIL.Image.ExifTags.Base.Orientation)
+    if opened.format == "PNG" and not _png_metadata_after_pixels(opened):
+        # PNG's getexif decodes the pixels first, as EXIF or XMP may follow them: where no such chunk does, read what
+        # it would read without decoding, so that a batch's PNGs are not all decoded at once before the first crop.
+        exif = PIL.Image.Image.getexif(opened)
+    else:
+        exif = opened.getexif()  # a JPEG's EXIF is in its header
+    orientation = exif.get(PIL.Image.ExifTags.Base.Orientation)
     return _Opened(opened, _ORIENTATIONS.get(orientation, _AS_STORED))
+
+
+# The PNG chunks that Pillow reads EXIF or XMP (an Orientation) from.
+_PNG_METADATA_CHUNKS = {b"eXIf", b"tEXt", b"zTXt", b"iTXt"}
+
+
+def _png_metadata_after_pixels(opened: PIL.Image.Image) -> bool:
+    """Whether an opened PNG has an EXIF or text chunk after its first IDAT, where the open did not read it: the
+    chunk headers from there on are read and their data skipped, not decoded."""
+    if len(opened.tile) != 1 or opened.fp is None:
+        return True  # not the layout of a plain PNG: let getexif decode it
+    fp, position = opened.fp, opened.tile[0].offset - 8  # the first IDAT's header
+    while True:
+        fp.seek(position)
+        header = fp.read(8)
+        if len(header) < 8 or header[4:] == b"IEND":
+            return False
+        if header[4:] in _PNG_METADATA_CHUNKS:
+            return True
+        position += 12 + int.from_bytes(header[:4], "big")  # length, type, data, CRC
 
 
 def _pixels(opened: _Opened) -> np.ndarray:
