@@ -566,7 +566,8 @@ def _png_metadata_after_pixels(opened: PIL.Image.Image) -> bool:
     chunk headers from there on are read and their data skipped, not decoded."""
     if len(opened.tile) != 1 or opened.fp is None:
         return True  # not the layout of a plain PNG: let getexif decode it
-    fp, position = opened.fp, opened.tile[0].offset - 8  # the first IDAT's header
+    # The tile's offset (its 3rd field; Pillow < 11 has plain tuples) is the first IDAT's data, 8 bytes past its header.
+    fp, position = opened.fp, opened.tile[0][2] - 8
     while True:
         fp.seek(position)
         header = fp.read(8)
