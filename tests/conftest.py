@@ -32,3 +32,16 @@ def cifar10_dir() -> Path:
 def jax_reference_dir() -> Path:
     """The tiny official-layout checkpoint and the logits the official Flax model computed for it."""
     return _require(JAX_REFERENCE_DIR)
+
+
+@pytest.fixture(params=["region", "pillow"])
+def jpeg_decoder(request, monkeypatch) -> str:
+    """Each way vit_hf.data decodes a JPEG: libjpeg-turbo's region decode (vit_hf._jpeg, where the install built it)
+    and Pillow's whole decode (where it did not)."""
+    from vit_hf import data
+
+    if request.param == "region" and data._jpeg is None:
+        pytest.skip("vit_hf._jpeg is not built (no C compiler or libjpeg-turbo headers at install)")
+    if request.param == "pillow":
+        monkeypatch.setattr(data, "_jpeg", None)
+    return request.param

@@ -605,18 +605,29 @@ def scale_for(width: float, height: float, size: int) -> int:
 
 
 @pytest.fixture
-def drafts(monkeypatch) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """(size before, size after) of each reduced-scale JPEG decode the pipeline asks for."""
+def drafts(monkeypatch, jpeg_decoder) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(size before, size after) of each reduced-scale JPEG decode the pipeline asks for, of either decoder."""
     calls = []
-    original = JpegImagePlugin.JpegImageFile.draft
+    if jpeg_decoder == "pillow":
+        original = JpegImagePlugin.JpegImageFile.draft
 
-    def spy(image, mode, size):
-        before = image.size
-        result = original(image, mode, size)
-        calls.append((before, image.size))
-        return result
+        def spy(image, mode, size):
+            before = image.size
+            result = original(image, mode, size)
+            calls.append((before, image.size))
+            return result
 
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+        monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    else:
+        decode_region = data_module._jpeg.decode_region
+
+        def spy(data, out, scale, *region):
+            if scale > 1:
+                width, height = Image.open(io.BytesIO(data)).size
+                calls.append(((width, height), (math.ceil(width / scale), math.ceil(height / scale))))
+            return decode_region(data, out, scale, *region)
+
+        monkeypatch.setattr(data_module, "_jpeg", type("Spy", (), {"decode_region": staticmethod(spy)}))
     return calls
 
 
@@ -663,7 +674,7 @@ def test_training_decodes_a_jpeg_at_reduced_scale_only_as_far_as_its_crop_box_al
 
 
 @pytest.mark.parametrize("kind", ["JPEG", "PNG"])
-def test_a_prepared_batch_holds_one_decoded_photo_at_a_time(photos, monkeypatch, kind):
+def test_a_prepared_batch_holds_one_decoded_photo_at_a_time(photos, monkeypatch, kind, jpeg_decoder):
     # Pillow's own count of its pixel blocks, read as each photo is resized: each decoded photo is freed once its
     # crop is cut, so the worker's memory does not grow with the batch size.
     live = []

@@ -241,7 +241,7 @@ def test_a_png_is_seen_upright_wherever_its_exif_chunk_lies(exif_after_pixels):
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6, 7])
-def test_a_drafted_photo_is_oriented_too(orientation, monkeypatch):
+def test_a_drafted_photo_is_oriented_too(orientation, monkeypatch, jpeg_decoder):
     # 400 x 300 at 64 px: the whole image decodes at 1/4, the train box at 1/2 (data._draft), in stored pixels.
     jpeg = oriented_jpeg(asymmetric_pixels(400, 300), orientation)
     reference = upright(jpeg)

@@ -4,7 +4,7 @@ Both pipelines read the same images with the same DataLoader settings and end wi
 (random resized crop, flip, [-1, 1]) on the device (CUDA if there is one, else the CPU):
 - ours: `make_loader` + `DeviceTransform(train=True)`. CIFAR leaves the workers as 32 px uint8 batches, cropped,
   resized and flipped on the device; photos are cropped from the original, resized and flipped in the workers
-  (JPEGs decoded at reduced scale where the crop allows) and cross as 224 px uint8;
+  (of a JPEG only the crop's region decoded, at reduced scale where the crop allows) and cross as 224 px uint8;
 - the baseline: transformers' image-classification example, `dataset.with_transform` of per-image RandomResizedCrop,
   RandomHorizontalFlip, ToTensor and Normalize, in PIL and torch as torchvision does them (torchvision is no
   dependency of this project).

@@ -3,8 +3,9 @@
 The CPU workers only decode small images: a CIFAR batch leaves them as 32 px uint8 (a few hundred kB). The crop, the
 resize to the model's size, the flip and the normalisation run afterwards as batched tensor ops on the training device
 (`DeviceTransform`), where they cost little, instead of per image in PIL on a few CPU cores. Photos (larger than the
-model's input, or of mixed sizes) are cropped from the original and resized in the workers instead, JPEGs decoded at
-reduced scale where that loses nothing the crop needs, so that image_size uint8 batches cross to the device.
+model's input, or of mixed sizes) are cropped from the original and resized in the workers instead, so that
+image_size uint8 batches cross to the device; of a JPEG only the crop's region is decoded (vit_hf._jpeg), at reduced
+scale where that loses nothing the crop needs.
 """
 
 import dataclasses
@@ -28,6 +29,11 @@ from torch.utils.data import DataLoader
 
 from vit_hf.errors import UserError
 from vit_hf.recipe import SPLIT_FIELDS, section_defaults
+
+try:
+    from vit_hf import _jpeg  # compiled where the install found a C compiler and libjpeg-turbo's headers (setup.py)
+except ImportError:
+    _jpeg = None  # whole JPEGs decoded by Pillow instead: the same crops, slower
 
 if TYPE_CHECKING:
     from vit_hf.streaming import StreamSplit
@@ -466,8 +472,8 @@ class _Collate:
         EXIF orientation applied (the whole image when crop_scale is None, i.e. for eval), then a coin if hflip; each
         row draws them from its own generator, a function of (seed, epoch, row) only, so a resumed run, any worker
         count and any process count see the same crops. The box is cut out and resized with PIL's bilinear filter
-        (`_resized`, as `_resize_weights` does on the device), from a JPEG decoded at reduced scale where the box allows
-        (`_draft`).
+        (`_resized`, as `_resize_weights` does on the device); of a JPEG only the box's region is decoded
+        (`_decoded_box`), at reduced scale where the box allows (`_draft_scale`).
         """
         # One draw per row, in DeviceTransform's order: the crop's 10 attempts (20), its offsets (2), then the flip.
         # Torch's CPU generator fills a tensor serially, so these are the numbers of three successive calls.
@@ -494,12 +500,11 @@ class _Collate:
         """
         swap, flip_rows, flip_columns = opened.orientation
         top, left, box_height, box_width = _stored_box(box, opened.orientation, opened.size)
-        scale = _draft(opened.image, box_width, box_height, self.image_size)
-        decoded = self._read(row, functools.partial(_to_rgb, opened.image))
+        stored_box = (left, top, left + box_width, top + box_height)
+        decoded = self._read(row, functools.partial(_decoded_box, opened, stored_box, self.image_size))
         if decoded is None:
             return None
-        reduced_box = (left / scale, top / scale, (left + box_width) / scale, (top + box_height) / scale)
-        resized = _resized(decoded, reduced_box, self.image_size)
+        resized = _resized(*decoded, self.image_size)
         # The result is a copy: free the decoded photo now, not with the batch, so a worker's memory does not grow
         # with the batch size (32 JPEGs of 4032x3024, 224 px crops: peak RSS +32 MB instead of +88 MB).
         opened.image.close()
@@ -523,10 +528,12 @@ _AS_STORED = (False, False, False)
 
 @dataclasses.dataclass(frozen=True)
 class _Opened:
-    """An opened image (size and format known, pixels not decoded yet for JPEG) and its EXIF orientation."""
+    """An opened image (size and format known, pixels not decoded yet for JPEG), its EXIF orientation, and the file's
+    bytes where the row holds them (None: the image was opened from its path)."""
 
     image: PIL.Image.Image
     orientation: tuple[bool, bool, bool]
+    data: bytes | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -554,7 +561,7 @@ def _open(image: dict) -> _Opened:
     else:
         exif = opened.getexif()  # a JPEG's EXIF is in its header
     orientation = exif.get(PIL.Image.ExifTags.Base.Orientation)
-    return _Opened(opened, _ORIENTATIONS.get(orientation, _AS_STORED))
+    return _Opened(opened, _ORIENTATIONS.get(orientation, _AS_STORED), image["bytes"])
 
 
 # The PNG chunks that Pillow reads EXIF or XMP (an Orientation) from.
@@ -604,9 +611,10 @@ def _oriented(pixels: np.ndarray, orientation: tuple[bool, bool, bool]) -> np.nd
     return pixels[:, ::-1] if flip_columns else pixels
 
 
-def _resized(image: PIL.Image.Image, box: tuple[float, float, float, float], size: int) -> np.ndarray:
-    """The box (left, top, right, bottom) of a decoded RGB image, cut out and resized to size x size with PIL's
-    bilinear filter (a triangle widened to the scale when downsampling), as an (S, S, 3) uint8 view.
+def _resized(pixels: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The box (left, top, right, bottom) of decoded (H, W, 3 or 4) uint8 pixels (RGB, or RGB and an unused byte),
+    cut out and resized to size x size with PIL's bilinear filter (a triangle widened to the scale when
+    downsampling), as an (S, S, 3) uint8 view.
 
     Cut, then resized, as the official input pipeline (a slice of the decoded image, then the resize), torchvision's
     RandomResizedCrop and the transformers example do: the filter's taps stop at the box. A box in whole pixels (any
@@ -614,18 +622,19 @@ def _resized(image: PIL.Image.Image, box: tuple[float, float, float, float], siz
     filter in fixed point (SIMD kernels): 0.26-0.31 ms instead of PIL's 0.94-1.00 ms for a 300 px box of a 480 px
     photo to 224 px (2-core AMD EPYC with AVX-512, 2026-12-02, fourth session), within 1 level of PIL's crop +
     resize in 0.2-0.3% of the values of photos (it rounds the pass between the two axes on its own). A box in
-    fractional pixels (a JPEG decoded at reduced scale, `_draft`) is cut to the whole pixels around it and resized by
-    PIL, which resamples from fractional coordinates.
+    fractional pixels (a JPEG decoded at reduced scale, `_draft_scale`) is cut to the whole pixels around it and
+    resized by PIL, which resamples from fractional coordinates.
     """
     if not all(float(edge).is_integer() for edge in box):
         left, top, right, bottom = box
-        around = (math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom))
-        inside = (left - around[0], top - around[1], right - around[0], bottom - around[1])
-        return _array(image.crop(around).resize((size, size), PIL.Image.BILINEAR, box=inside))
+        x0, y0 = math.floor(left), math.floor(top)
+        around = PIL.Image.fromarray(np.ascontiguousarray(pixels[y0 : math.ceil(bottom), x0 : math.ceil(right), :3]))
+        inside = (left - x0, top - y0, right - x0, bottom - y0)
+        return _array(around.resize((size, size), PIL.Image.BILINEAR, box=inside))
     left, top, right, bottom = (int(edge) for edge in box)
-    with warnings.catch_warnings():  # the pixels are PIL's, read-only; interpolate only reads them
+    with warnings.catch_warnings():  # PIL's pixels are read-only; interpolate only reads them
         warnings.simplefilter("ignore", UserWarning)
-        crop = torch.from_numpy(_pixel_rows(image)[top:bottom, left:right]).permute(2, 0, 1).unsqueeze(0)
+        crop = torch.from_numpy(pixels[top:bottom, left:right]).permute(2, 0, 1).unsqueeze(0)
     # Copied to rows of its own first: the kernel resizes a box with rows of the box's width about twice as fast as one
     # inside the photo's wider rows (400 px box of a 600 px photo to 224 px: 0.24 ms + 0.03 ms for the copy, against
     # 0.45 ms; crops of the bench's 300-640 px photos: 0.35 ms against 0.48 ms; 2-core CPU, 2026-12-02), same result.
@@ -663,10 +672,47 @@ def _row_generator(seed: int, epoch: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def _draft(image: PIL.Image.Image, box_width: float, box_height: float, size: int) -> int:
-    """Have a JPEG decode at the most reduced of 1/8, 1/4 and 1/2 scale at which the box still spans `size` pixels
-    both ways; return the scale it will decode at (1: full size, always for other formats, which have no such
-    decoder).
+def _decoded_box(
+    opened: _Opened, box: tuple[float, float, float, float], size: int
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Decoded pixels around a box (left, top, right, bottom) of the stored image, and the box within them: for a
+    gray or color JPEG, only the region the box lies in, at the `_draft_scale` the box allows (`_jpeg_region`);
+    otherwise the whole image, by Pillow (a JPEG drafted at that scale)."""
+    scale = _draft_scale(box[2] - box[0], box[3] - box[1], size)
+    if _jpeg is not None and opened.image.format in ("JPEG", "MPO") and opened.image.mode in ("L", "RGB"):
+        return _jpeg_region(opened, tuple(edge / scale for edge in box), scale)
+    scale = _draft(opened.image, scale)
+    return _pixel_rows(_to_rgb(opened.image)), tuple(edge / scale for edge in box)
+
+
+def _jpeg_region(
+    opened: _Opened, box: tuple[float, float, float, float], scale: int
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The rows and columns of a JPEG decoded at 1/scale that the box (in that output's pixels) lies in, as (H, W, 4)
+    RGBX pixels, and the box within them.
+
+    libjpeg-turbo skips the rows above, keeps to the box's columns and stops below (vit_hf/_jpeg.c): the region's
+    pixels equal a full decode's, bit for bit, with one column more on each side, where a region's edge would lack
+    the neighbour that the upsampling of subsampled chroma reads. For the bench's 300-640 px photos and their 224 px
+    train crops, 0.33 ms instead of 0.63 ms an image for Pillow's full decode (2-core AMD EPYC, 2026-12-02).
+    """
+    if opened.data is not None:
+        data = opened.data
+    else:
+        opened.image.fp.seek(0)
+        data = opened.image.fp.read()
+    width, height = (-(-side // scale) for side in opened.image.size)  # libjpeg's output size: rounded up
+    left, top, right, bottom = box
+    rows = (math.floor(top), min(height, math.ceil(bottom)))
+    columns = (max(0, math.floor(left) - 1), min(width, math.ceil(right) + 1))
+    out = np.empty((rows[1] - rows[0]) * width * 4, dtype=np.uint8)
+    x0, region_width = _jpeg.decode_region(data, out, scale, *rows, *columns)
+    pixels = out[: (rows[1] - rows[0]) * region_width * 4].reshape(rows[1] - rows[0], region_width, 4)
+    return pixels, (left - x0, top - rows[0], right - x0, bottom - rows[0])
+
+
+def _draft_scale(box_width: float, box_height: float, size: int) -> int:
+    """The most reduced of 1/8, 1/4 and 1/2 scale at which the box still spans `size` pixels both ways (1: none).
 
     libjpeg scales while it decodes (its DCT at reduced size), at a fraction of the cost of a full decode. Against a
     full decode with the same box and resize, on CIFAR test images upscaled to mixed sizes and saved as JPEG
@@ -674,7 +720,12 @@ def _draft(image: PIL.Image.Image, box_width: float, box_height: float, size: in
     absolute difference, 4 at most; at 1/2 to 1/8 (900-2000 px): 0.21 mean, 3 at most. Small outputs differ more: at
     40 px out (81-900 px photos, 1/2 to 1/8) 0.45 mean, 14 at most (2-core CPU, 2026-12-01).
     """
-    scale = next((s for s in (8, 4, 2) if box_width >= s * size and box_height >= s * size), 1)
+    return next((s for s in (8, 4, 2) if box_width >= s * size and box_height >= s * size), 1)
+
+
+def _draft(image: PIL.Image.Image, scale: int) -> int:
+    """Have Pillow decode a JPEG at 1/scale; return the scale it will decode at (1 for other formats, which have no
+    such decoder)."""
     if scale == 1:
         return 1
     width, height = image.size
