@@ -274,6 +274,33 @@ def test_an_integer_label_column_gets_numbered_classes(tmp_path):
     assert splits.class_names == ["0", "1", "2", "3", "4"]
 
 
+def test_class_names_name_an_integer_label_column_found_by_its_conventional_name(tmp_path):
+    # webdataset's class index is an integer `.cls` column: taken as the labels where no column is a ClassLabel.
+    data = labelled(
+        {"jpg": [random_image(8, 8, s) for s in range(3)], "cls": [0, 2, 1], "__key__": ["a", "b", "c"]},
+        {"jpg": datasets.Image(), "cls": datasets.Value("int64"), "__key__": datasets.Value("string")},
+    )
+    source = parquet_source(tmp_path, {"train": data})
+    assert load_splits(train_only(source)).class_names == ["0", "1", "2"]
+    splits = load_splits(train_only(source, class_names=["cat", "dog", "ship", "frog"]))
+    assert (splits.image_column, splits.label_column, splits.class_names) == (
+        "jpg",
+        "cls",
+        ["cat", "dog", "ship", "frog"],
+    )
+    one_line_error(lambda: load_splits(train_only(source, class_names=["cat", "dog"])), "row 1", "label 2", "0..1")
+
+
+def test_class_names_rename_a_class_label_of_as_many_classes(small_source):
+    assert load_splits(train_only(small_source, class_names=["x", "y", "z"])).class_names == ["x", "y", "z"]
+    one_line_error(
+        lambda: load_splits(train_only(small_source, class_names=["x", "y"])),
+        "data.class_names",
+        "2 names",
+        "3 classes",
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad data: one-line errors that name what is wrong
 

@@ -109,6 +109,9 @@ def test_overrides_parse_json_values_and_fall_back_to_strings():
         ({"data": {"train_split": None}}, [], "data.train_split"),
         ({}, ["train"], "--set train: expected key.sub=value"),
         ({"model": "ViT-B_16"}, [], "model: expected an object"),
+        ({"data": {"class_names": ["cat", "cat"]}}, [], "data.class_names: expected two or more distinct"),
+        ({"data": {"class_names": ["cat"]}}, [], "data.class_names: expected two or more distinct"),
+        ({"data": {"class_names": ["cat", 3]}}, [], "data.class_names: expected two or more distinct"),
     ],
 )
 def test_bad_recipes_are_refused_naming_the_field(raw, overrides, message):

@@ -5,6 +5,7 @@ is the shards themselves, read with pyarrow and PIL."""
 import io
 import json
 import shutil
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from launch import run_module
-from PIL import Image
+from PIL import Image, ImageOps
 from test_finetune import assert_same_weights, losses, tiny_recipe, weights, write_recipe
+from test_photos import BROKEN, CLASSES, SPLIT_SIZES, photo_recipe, write_photo_folder
 
 from vit_hf.data import load_splits
 from vit_hf.errors import UserError
@@ -276,3 +278,132 @@ def test_a_streamed_run_on_2_processes_x_2_workers_resumes_mid_epoch_to_the_unbr
     assert losses(resumed) == pytest.approx(losses(unbroken)[8:], abs=1e-6)
     assert_same_weights(weights(resumed / "checkpoints" / "step_20"), weights(unbroken / "checkpoints" / "step_20"), 0)
     assert json.loads((resumed / "results.json").read_text())["test_samples"] == sum(TEST_SHARDS)
+
+
+# --- folders of photos and webdataset shards ------------------------------------------------------------------------
+# datasets streams an imagefolder as one shard in path order (sorted by class); vit_hf deals its files into shards.
+# A webdataset's class is an integer .cls file: its names come from data.class_names. The references are the files
+# themselves, read with PIL, the folder names and tarfile.
+
+
+def upright_32(path: Path) -> np.ndarray:
+    """The eval input of a photo, as PIL makes it: upright, RGB, the whole image resized to 32 x 32 (bilinear)."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB").resize((32, 32), Image.BILINEAR))
+
+
+def folder_data(folder: Path, **fields) -> dict:
+    source = {"path": "imagefolder", "data_dir": str(folder)}
+    return {"dataset": source, "train_split": "train", "eval_split": "validation", "test_split": "test",
+            "streaming": True, "bad_images": "skip"} | fields  # fmt: skip
+
+
+def test_a_streamed_photo_folder_is_dealt_into_shards_each_photo_read_once_with_its_folders_label(
+    cifar10_dir, tmp_path
+):
+    folder = write_photo_folder(tmp_path / "photos", cifar10_dir, broken=True)
+    (folder / "train" / "notes.txt").write_text("not an image: imagefolder ignores it, and so does the stream")
+    splits = load_splits(folder_data(folder), streaming_ok=True)
+    photos = sorted(path for path in (folder / "train").rglob("*.*") if path.suffix != ".txt")
+    assert splits.class_names == sorted(CLASSES) and splits.train.num_shards == len(photos) == 16
+    references = {path: upright_32(path) for path in photos if path != folder / BROKEN}
+
+    matched, skipped, lanes = [], 0, set()
+    for process in range(2):
+        stream = loader(splits.train, splits, process, 2, workers=2, shuffle=False, image_size=32, bad_images="skip")
+        for batch in stream:
+            skipped += int(batch["skipped"])
+            lanes |= {(process, lane) for lane in stream.lanes}
+            for pixels, label in zip(batch["pixels"], batch["labels"].tolist(), strict=True):
+                ours = pixels.permute(1, 2, 0).numpy().astype(int)
+                path = min(references, key=lambda p: np.abs(references[p] - ours).mean())
+                # The eval resize of PIL's full decode, within the DCT scaling of JPEGs drafted to 1/2 or 1/4 (as
+                # tests/test_data.py states it for small outputs).
+                difference = np.abs(references[path] - ours)
+                assert difference.mean() < 1 and difference.max() <= 20
+                assert splits.class_names[label] == path.parent.name
+                matched.append(path)
+    assert sorted(matched) == sorted(references) and skipped == 1  # every photo once, the broken file counted
+    assert len(lanes) == 4  # 2 processes x 2 workers, each reading shards of its own
+
+    # train[:6] is the first row of 6 shards: the same photos on every load (the deal is fixed, not train.seed's).
+    picks = []
+    for _ in range(2):
+        part = load_splits(folder_data(folder, train_split="train[:6]"), streaming_ok=True)
+        batches = list(loader(part.train, part, workers=0, shuffle=False, image_size=32, bad_images="skip"))
+        picks.append((torch.cat([b["pixels"] for b in batches]), sum(int(b["skipped"]) for b in batches)))
+    assert torch.equal(picks[0][0], picks[1][0]) and len(picks[0][0]) + picks[0][1] == 6
+
+
+def write_webdataset(cifar10_dir: Path, folder: Path, sizes: tuple[int, ...]) -> list[list[tuple[int, bytes]]]:
+    """CIFAR-10 test images as webdataset tar shards of SIZES samples (KEY.jpg and KEY.cls); each shard's
+    (label, JPEG bytes) in order."""
+    rows = pq.read_table(cifar10_dir / "test.parquet").slice(0, sum(sizes)).to_pylist()
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, offset = [], 0
+    for number, size in enumerate(sizes):
+        samples = [(row["label"], row["img"]["bytes"]) for row in rows[offset : offset + size]]
+        with tarfile.open(folder / f"train-{number:05d}.tar", "w") as tar:
+            for i, (label, jpeg) in enumerate(samples):
+                for extension, payload in (("jpg", jpeg), ("cls", str(label).encode())):
+                    member = tarfile.TarInfo(f"{offset + i:06d}.{extension}")
+                    member.size = len(payload)
+                    tar.addfile(member, io.BytesIO(payload))
+        shards.append(samples)
+        offset += size
+    return shards
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def test_webdataset_shards_stream_with_the_class_names_of_the_recipe(cifar10_dir, tmp_path):
+    shards = write_webdataset(cifar10_dir, tmp_path / "wds", (30, 20, 25))
+    source = {"path": "webdataset", "data_files": {"train": str(tmp_path / "wds" / "*.tar")}}
+    data = {"dataset": source, "train_split": "train[9:]", "eval_split": "train[:9]", "test_split": None,
+            "streaming": True}  # fmt: skip
+    with pytest.raises(UserError, match=r"^data.class_names: column 'cls' of the stream of .* list them") as error:
+        load_splits(data, streaming_ok=True)
+    assert "\n" not in str(error.value)
+
+    splits = load_splits(data | {"class_names": CIFAR10_NAMES}, streaming_ok=True)
+    assert (splits.image_column, splits.label_column, splits.class_names) == ("jpg", "cls", CIFAR10_NAMES)
+    seen = {}
+    for split in (splits.train, splits.eval):
+        for batch in loader(split, splits, workers=2, shuffle=False):
+            for index, label, pixels in zip(batch["index"].tolist(), batch["labels"], batch["pixels"], strict=True):
+                seen[index] = (int(label), pixels.permute(1, 2, 0).numpy())
+    assert len(seen) == sum(map(len, shards))
+    for index, (label, pixels) in seen.items():
+        expected_label, jpeg = shards[index // SHARD_ROWS][index % SHARD_ROWS]
+        assert label == expected_label
+        np.testing.assert_array_equal(pixels, np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+
+    with pytest.raises(UserError, match=r"row \d+ of shard \d+ has label \d in column 'cls', outside 0..2"):
+        few = load_splits(data | {"class_names": ["a", "b", "c"]}, streaming_ok=True)
+        for batch in loader(few.train, few, workers=0, shuffle=False):
+            batch["pixels"]
+
+
+@pytest.mark.slow
+def test_a_streamed_photo_folder_and_webdataset_shards_train_end_to_end(cifar10_dir, tmp_path):
+    photos = write_photo_folder(tmp_path / "photos", cifar10_dir, broken=True)
+    out = tmp_path / "folder"
+    recipe = photo_recipe(cifar10_dir, photos, out, streaming=True, num_workers=2)
+    result = run_module("vit_hf.finetune", [str(write_recipe(tmp_path, recipe, "folder.json"))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["eval_samples"], results["test_samples"]) == (SPLIT_SIZES["validation"], SPLIT_SIZES["test"])
+    assert results["skipped_images"] == 2 and (out / "README.md").is_file()  # the broken file, each epoch
+    assert list(json.loads((out / "config.json").read_text())["id2label"].values()) == sorted(CLASSES)
+
+    write_webdataset(cifar10_dir, tmp_path / "wds", (40, 30, 30))
+    out = tmp_path / "wds_out"
+    source = {"path": "webdataset", "data_files": {"train": str(tmp_path / "wds" / "*.tar")}}
+    data = {"dataset": source, "train_split": "train[12:]", "eval_split": "train[:12]", "test_split": None,
+            "streaming": True, "num_workers": 2, "class_names": CIFAR10_NAMES}  # fmt: skip
+    result = run_module(
+        "vit_hf.finetune", [str(write_recipe(tmp_path, tiny_recipe(Path("."), out, data=data), "w.json"))]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["eval_samples"] == 12
+    assert list(json.loads((out / "config.json").read_text())["id2label"].values()) == CIFAR10_NAMES

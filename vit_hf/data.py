@@ -92,7 +92,7 @@ def load_splits(data: dict, seed: int = 0, streaming_ok: bool = False) -> DataSp
     if data["streaming"]:
         return _stream_splits(data, streaming_ok)
     source, name = _load_source(data["dataset"])
-    image_column, label_column, class_names = _find_columns(source, data["image_column"], data["label_column"], name)
+    image_column, label_column, class_names = _find_columns(source, data, name)
     splits = {}
     for split, field in SPLIT_FIELDS.items():
         expression = data[field]
@@ -121,15 +121,17 @@ def load_splits(data: dict, seed: int = 0, streaming_ok: bool = False) -> DataSp
 
 def _stream_splits(data: dict, streaming_ok: bool) -> DataSplits:
     """`load_splits` of a streamed data set (`vit_hf.streaming`): the splits' shards, nothing read but features."""
-    from vit_hf.streaming import check_stream_features, stream_split
+    from vit_hf.streaming import check_stream_features, shard_folder_streams, stream_split
 
     if not streaming_ok:
         raise UserError("data.streaming: this command reads whole splits; set data.streaming to false for it")
     if data["examples_per_class"] is not None:
         raise UserError("data.examples_per_class: drawing rows of each class needs the whole split, not a stream")
     source, name = _load_source(data["dataset"], streaming=True)
-    check_stream_features(source, data, name)
-    image_column, label_column, class_names = _find_columns(source, data["image_column"], data["label_column"], name)
+    check_stream_features(source, name)
+    if isinstance(data["dataset"], dict):
+        source = shard_folder_streams(source, data["dataset"])
+    image_column, label_column, class_names = _find_columns(source, data, name, streaming=True)
     splits = {
         split: None if data[field] is None else stream_split(source, data[field], name, field)
         for split, field in SPLIT_FIELDS.items()
@@ -242,12 +244,18 @@ def _bmp(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# Integer label columns taken when no column is a ClassLabel: webdataset's class index is its `.cls` file.
+INTEGER_LABEL_COLUMNS = ("label", "labels", "cls", "fine_label")
+
+
 def _find_columns(
-    source: datasets.DatasetDict, image_column: str | None, label_column: str | None, name: str
+    source: datasets.DatasetDict | datasets.IterableDatasetDict, data: dict, name: str, streaming: bool = False
 ) -> tuple[str, str, list[str]]:
-    """The image and label columns (found by feature type unless named) and the class names."""
+    """The image and label columns (found by feature type unless named) and the class names (data.class_names, the
+    ClassLabel's, or for integer labels of a split read whole the numbers 0..max)."""
     features = next(iter(source.values())).features
     columns = ", ".join(features)
+    image_column, label_column, names = data["image_column"], data["label_column"], data["class_names"]
     for column in (image_column, label_column):
         if column is not None and column not in features:
             raise UserError(f"data set {name!r} has no column {column!r} (columns: {columns})")
@@ -257,22 +265,49 @@ def _find_columns(
             raise UserError(f"data set {name!r} has no Image column (columns: {columns}); name one in image_column")
     elif not isinstance(features[image_column], datasets.Image):
         raise UserError(f"column {image_column!r} of data set {name!r} is not an Image: {features[image_column]}")
-    if label_column is None:
-        class_labels = [column for column, kind in features.items() if isinstance(kind, datasets.ClassLabel)]
-        preferred = [column for column in ("label", "fine_label") if column in class_labels] + class_labels
-        if not preferred:
-            raise UserError(
-                f"data set {name!r} has no ClassLabel column (columns: {columns}); name one in label_column"
-            )
-        label_column = preferred[0]
+    label_column = label_column or _label_column(features, name)
     label = features[label_column]
     if isinstance(label, datasets.ClassLabel):
-        return image_column, label_column, list(label.names)
+        if names is not None and len(names) != label.num_classes:
+            raise UserError(
+                f"data.class_names: {len(names)} names, but column {label_column!r} of data set {name!r} has "
+                f"{label.num_classes} classes ({_listed(label.names)})"
+            )
+        return image_column, label_column, list(names or label.names)
     if not (isinstance(label, datasets.Value) and pa.types.is_integer(label.pa_type)):
         raise UserError(f"label column {label_column!r} of data set {name!r} is {label}, not a ClassLabel or integer")
+    if names is not None:
+        return image_column, label_column, list(names)
+    if streaming:
+        raise UserError(
+            f"data.class_names: column {label_column!r} of the stream of {name!r} holds integers, not a ClassLabel, "
+            "and a stream cannot be read whole to count its classes: list them in data.class_names"
+        )
     # Integer labels without names: classes 0..max over all splits, named by their numbers.
     largest = max(pc.max(dataset.with_format("arrow")[label_column]).as_py() or 0 for dataset in source.values())
     return image_column, label_column, [str(i) for i in range(largest + 1)]
+
+
+def _label_column(features: datasets.Features, name: str) -> str:
+    """The label column of a data set that names none: a ClassLabel (label, then fine_label, first), else an
+    integer column of a conventional name."""
+    class_labels = [column for column, kind in features.items() if isinstance(kind, datasets.ClassLabel)]
+    preferred = [column for column in ("label", "fine_label") if column in class_labels] + class_labels
+    integers = [
+        column
+        for column in INTEGER_LABEL_COLUMNS
+        if isinstance(features.get(column), datasets.Value) and pa.types.is_integer(features[column].pa_type)
+    ]
+    if not preferred + integers:
+        raise UserError(
+            f"data set {name!r} has no ClassLabel column and no integer {' / '.join(INTEGER_LABEL_COLUMNS)} column "
+            f"(columns: {', '.join(features)}); name one in label_column"
+        )
+    return (preferred + integers)[0]
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _select_split(source: datasets.DatasetDict, expression: str, name: str, field: str) -> datasets.Dataset:

@@ -79,6 +79,8 @@ SCHEMA: dict[str, Any] = {
         "examples_per_class": _f((int, NONE), None, positive=True),
         "image_column": _f((str, NONE), None),
         "label_column": _f((str, NONE), None),
+        # The classes of an integer label column, in label order (webdataset's .cls); names a ClassLabel's anew.
+        "class_names": _f((list, NONE), None),
         "augment": (AUGMENT, NONE),
         "num_workers": _f(int, 4),
         "bad_images": _f(str, "stop", choices=("stop", "skip")),
@@ -200,6 +202,11 @@ def _check_combinations(recipe: dict) -> None:
         raise UserError("data.train_split: a training run needs a training split")
     if data["num_workers"] < 0:
         raise UserError(f"data.num_workers: must be 0 or more, got {data['num_workers']}")
+    names = data["class_names"]
+    if names is not None and (
+        len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) < len(names)
+    ):
+        raise UserError(f"data.class_names: expected two or more distinct, non-empty names, got {json.dumps(names)}")
     if data["streaming"]:
         _check_streaming(data)
     if recipe["hub"]["push"] and not recipe["hub"]["model_id"]:

@@ -8,6 +8,9 @@ The design, and why:
   of n shards are the first ⌈x/n⌉ or ⌊x/n⌋ rows of each shard (the first x mod n shards give one more), as
   `IterableDataset.take` counts them; so `train[:1000]` and `train[1000:]` are exactly complementary, on any process
   and worker count. A shard shorter than its quota gives fewer rows; evaluation reports the exact count.
+- Folders. datasets streams an imagefolder as one shard in path order, which is sorted by class: one lane would
+  read it and every block would hold one or two classes. `shard_folder_streams` deals its files into shards instead.
+  Integer labels (a webdataset's `.cls`) are named by data.class_names: a stream cannot be read whole to count them.
 - Lanes. Each of the P processes reads with W' = min(data.num_workers, n // P) DataLoader workers (at least 1; none
   started when num_workers is 0): P x W' lanes, lane p * W' + w. When n >= P, lane l reads whole shards l, l + P W',
   l + 2 P W', ...: every shard belongs to exactly one lane, and lanes differ by at most one shard when P W' does not
@@ -129,19 +132,67 @@ def stream_split(source: datasets.IterableDatasetDict, expression: str, name: st
     return StreamSplit(shards, f"data.{field}", expression)
 
 
-def check_stream_features(source: datasets.IterableDatasetDict, data: dict, name: str) -> None:
-    """What `_find_columns` needs of a stream, without reading it: declared features and class names."""
-    features = next(iter(source.values())).features
-    if features is None:
+# A streamed folder of images is dealt into shards of at most this many files, and at least FOLDER_SHARDS shards.
+FOLDER_SHARD_FILES = 1000
+FOLDER_SHARDS = 256
+
+
+def shard_folder_streams(source: datasets.IterableDatasetDict, dataset: dict) -> datasets.IterableDatasetDict:
+    """An imagefolder stream (local or on the Hub) cut into shards of files, in a fixed random order.
+
+    datasets streams a folder as one shard in path order, that is sorted by class: one lane a process would read it,
+    and every block (data.shuffle_buffer rows) would hold one or two classes. Here each split's files are permuted
+    with a fixed seed (so split expressions like `train[:1000]` name the same files on every run) and dealt into
+    shards, read as datasets' imagefolder reads them: the image by its path (or URL), the label from its folder.
+    Folders with metadata files or archives are left as datasets streams them.
+    """
+    from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
+
+    try:
+        builder = datasets.load_dataset_builder(**dataset)
+    except Exception:  # the stream opened, so this cannot fail on a name; leave anything unusual alone
+        return source
+    if not isinstance(builder, FolderBasedBuilder) or builder.BASE_COLUMN_NAME != "image":
+        return source
+    sharded = {}
+    for split, stream in source.items():
+        files, others = [], []
+        for file in map(str, builder.config.data_files.get(split, [])):
+            root, extension = os.path.splitext(file)
+            is_image = {extension.lower(), os.path.splitext(root)[1].lower()} & set(builder.EXTENSIONS)
+            (files if is_image else others).append(file)
+        # Metadata files and zip archives are read by datasets' own imagefolder; other files it ignores too.
+        metadata = set(builder.config.metadata_filenames or builder.METADATA_FILENAMES)
+        if set(stream.features or {}) - {"image", "label"} or any(
+            os.path.basename(file) in metadata or file.lower().endswith(".zip") for file in others
+        ):
+            return source
+        order = np.random.default_rng(0).permutation(len(files))
+        count = max(-(-len(files) // FOLDER_SHARD_FILES), min(len(files), FOLDER_SHARDS))
+        shards = [[files[i] for i in order[k::count]] for k in range(count)]
+        label = stream.features.get("label")
+        sharded[split] = datasets.IterableDataset.from_generator(
+            _folder_rows, features=stream.features, gen_kwargs={"shards": shards, "label": label}
+        )
+    return datasets.IterableDatasetDict(sharded)
+
+
+def _folder_rows(shards: list[list[str]], label: datasets.ClassLabel | None) -> Iterator[dict]:
+    """The rows of some shards of a folder: each image by path, labelled by its folder's name (as imagefolder)."""
+    for files in shards:
+        for file in files:
+            row = {"image": {"path": file, "bytes": None}}
+            if label is not None:
+                row["label"] = label.str2int(os.path.basename(os.path.dirname(file)))
+            yield row
+
+
+def check_stream_features(source: datasets.IterableDatasetDict, name: str) -> None:
+    """What `_find_columns` needs of a stream, without reading it: declared features."""
+    if next(iter(source.values())).features is None:
         raise UserError(
             f"data.dataset: the stream of {name!r} declares no features (column types): give load_dataset a "
-            "source that does (parquet, imagefolder, a Hub repo with dataset_info)"
-        )
-    label = data["label_column"]
-    if label is not None and label in features and not isinstance(features[label], datasets.ClassLabel):
-        raise UserError(
-            f"data.label_column: column {label!r} of the stream of {name!r} is {features[label]}, not a ClassLabel: "
-            "a stream cannot be read whole to count its classes"
+            "source that does (parquet, imagefolder, webdataset, a Hub repo with dataset_info)"
         )
 
 
