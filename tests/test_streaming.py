@@ -2,11 +2,13 @@
 and workers with every row read once, resumed exactly from its state, minival and test counted once; the reference
 is the shards themselves, read with pyarrow and PIL."""
 
+import http.server
 import io
 import json
 import shutil
 import tarfile
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -407,3 +409,54 @@ def test_a_streamed_photo_folder_and_webdataset_shards_train_end_to_end(cifar10_
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["eval_samples"] == 12
     assert list(json.loads((out / "config.json").read_text())["id2label"].values()) == CIFAR10_NAMES
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (a stand-in for remote shards); yields (folder, base URL, paths got)."""
+    folder, got = tmp_path / "served", []
+    folder.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, format, *args):  # noqa: A002 (the http.server API)
+            got.append(self.path)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}", got
+    httpd.shutdown()
+    thread.join()
+
+
+@pytest.mark.slow
+def test_webdataset_shards_over_http_stream_on_2_processes_x_2_workers_and_resume_without_a_local_copy(
+    cifar10_dir, served, tmp_path
+):
+    folder, url, got = served
+    train = write_webdataset(cifar10_dir, folder / "train", (40, 25, 35, 30, 20))
+    test = write_webdataset(cifar10_dir, folder / "test", (20, 15))
+    files = {split: [f"{url}/{split}/train-{i:05d}.tar" for i in range(len(shards))] for split, shards in
+             (("train", train), ("test", test))}  # fmt: skip
+    data = {"dataset": {"path": "webdataset", "data_files": files}, "train_split": "train[10:]", "eval_split": None,
+            "test_split": "test", "streaming": True, "class_names": CIFAR10_NAMES}  # fmt: skip
+    (tmp_path / "stream_probe.py").write_text(textwrap.dedent(PROBE))
+    cache = tmp_path / "hf_cache"
+    env = {"PYTHONPATH": str(tmp_path), "HF_HOME": str(cache), "HF_DATASETS_CACHE": str(cache / "datasets")}
+    result = run_module("stream_probe", [json.dumps(data), str(tmp_path)], processes=2, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert all(rank["resumed"] == rank["unbroken"] for rank in ranks)  # resumed mid-epoch from the gathered state
+    rows = {s * SHARD_ROWS + r for s, shard in enumerate(train) for r in range(len(shard))}
+    minival = {s * SHARD_ROWS + r for s in range(len(train)) for r in range(2)}  # train[:10]: 2 rows of each shard
+    read = [i for rank in ranks for batch in rank["unbroken"] for i in batch]  # 2 epochs
+    assert len(read) == 2 * len(rows - minival) and set(read) == rows - minival  # each row once an epoch
+    tested = [i for rank in ranks for batch in rank["test"] for i in batch if i >= 0]
+    assert len(tested) == len(set(tested)) == sum(map(len, test))
+    assert {path.rsplit("/", 1)[-1] for path in got} >= {f"train-{i:05d}.tar" for i in range(len(train))}
+    copies = [path for path in cache.rglob("*") if path.is_file() and path.stat().st_size > 10_000]
+    assert copies == []  # streamed: no shard was downloaded into the cache
