@@ -49,7 +49,8 @@ def test_a_bad_output_name_is_one_line_exit_2(cifar10_dir, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'grid.jpg'}: expected a .png file name"
 
 
-def test_preview_reads_photo_folders_as_the_loop_does(cifar10_dir, tmp_path, capsys):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_preview_reads_photo_folders_as_the_loop_does(cifar10_dir, tmp_path, capsys, streaming):
     # Mixed sizes, modes and formats, and a file that is no image, which bad_images "skip" leaves out.
     photos = write_photo_folder(tmp_path / "photos", cifar10_dir, broken=True)
     recipe = {
@@ -60,6 +61,7 @@ def test_preview_reads_photo_folders_as_the_loop_does(cifar10_dir, tmp_path, cap
             "eval_split": None,
             "test_split": None,
             "bad_images": "skip",
+            "streaming": streaming,
             "augment": {"crop_scale": [0.3, 1.0], "rand_augment": {"num_ops": 2, "magnitude": 9}},
         },
     }

@@ -18,26 +18,31 @@ from vit_hf.errors import UserError, cli_entry
 from vit_hf.files import atomic_file
 from vit_hf.inputs import TrainInputs
 from vit_hf.recipe import load_recipe
+from vit_hf.streaming import make_stream_loader
 
 
 def augmented_batch(recipe: dict, count: int) -> torch.Tensor:
     """The first COUNT training images of RECIPE after its training augmentation, in [-1, 1].
 
     They are read with the loop's settings (image size, crop and flip in the workers for photos, bad_images), so any
-    data set the loop accepts works; undecodable images that bad_images "skip" drops are left out.
+    data set the loop accepts works, streamed ones too (the first rows of the stream, in shard order); undecodable
+    images that bad_images "skip" drops are left out.
     """
     seed = recipe["train"]["seed"]
-    splits = load_splits(recipe["data"], seed=seed)
+    splits = load_splits(recipe["data"], seed=seed, streaming_ok=True)
     inputs = TrainInputs(recipe, len(splits.class_names), torch.Generator().manual_seed(seed))
-    rows = splits.train.select(range(min(count, len(splits.train))))
-    loader = make_loader(
-        rows, splits.image_column, splits.label_column, len(rows), shuffle=False, seed=seed,
-        bad_images=recipe["data"]["bad_images"], image_size=inputs.transform.image_size,
-        crop_scale=inputs.transform.crop_scale, hflip=inputs.transform.hflip,
-    )  # fmt: skip
-    batch = next(iter(loader))
-    if not len(batch["index"]):
-        raise UserError(f"data.train_split: none of its first {len(rows)} images can be decoded")
+    options = {"seed": seed, "bad_images": recipe["data"]["bad_images"], "image_size": inputs.transform.image_size,
+               "crop_scale": inputs.transform.crop_scale, "hflip": inputs.transform.hflip}  # fmt: skip
+    columns = splits.image_column, splits.label_column
+    if splits.streaming:
+        loader = make_stream_loader(splits.train, *columns, len(splits.class_names), count, shuffle=False, **options)
+    else:
+        rows = splits.train.select(range(min(count, len(splits.train))))
+        count = len(rows)
+        loader = make_loader(rows, *columns, count, shuffle=False, **options)
+    batch = next(iter(loader), None)
+    if batch is None or not len(batch["index"]):
+        raise UserError(f"data.train_split: none of its first {count} images can be decoded")
     images, _ = inputs(batch)
     return images
 
