@@ -19,6 +19,7 @@ from accelerate.data_loader import SeedableRandomSampler, prepare_data_loader, s
 from PIL import Image, JpegImagePlugin
 from pil_resize import assert_resized_as_pil
 from test_photos import cifar_images
+from test_predict import png_declaring
 from transformers.image_utils import PILImageResampling
 
 # Without torchvision, transformers 5's ViTImageProcessor falls back to (and returns) this PIL implementation.
@@ -385,6 +386,16 @@ def test_an_undecodable_image_stops_the_loader_naming_the_row(num_workers):
     # The batch carries the error from the worker: reading it raises, in the process that reads it.
     batch = next(iter(loader))
     one_line_error(lambda: batch["pixels"], "row 2", "'image'", "undecodable", '(bad_images: "skip" drops such rows)')
+
+
+def test_a_photo_past_pillows_size_limit_is_an_undecodable_row_not_a_crash():
+    # Pillow's decompression bomb guard (200M pixels declared) raises at open, not an OSError.
+    images = broken_dataset()
+    images = image_dataset([*images["image"][:2], {"bytes": png_declaring(20000, 10000), "path": None}], [0, 1, 2])
+    batch = first_batch(images, bad_images="skip", image_size=8)
+    assert batch["index"].tolist() == [0, 1] and batch["skipped"].item() == 1
+    batch = first_batch(images, image_size=8)
+    one_line_error(lambda: batch["pixels"], "row 2", "undecodable", "exceeds limit")
 
 
 def test_skipped_images_are_left_out_and_counted():

@@ -1,6 +1,9 @@
 """The inference CLI: batched top-k predictions as JSON lines, checked against the official model's logits."""
 
+import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -92,10 +95,21 @@ def test_real_cifar_jpegs_get_top_five_distinct_labels_best_first(capsys, model_
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header declares WIDTH x HEIGHT (its CRC fixed): Pillow refuses it at open, decoding nothing."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "PNG")
+    png = bytearray(buffer.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR's data starts after the signature, length and type
+    png[29:33] = struct.pack(">I", zlib.crc32(png[12:29]))
+    return bytes(png)
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
         ("undecodable", "not a readable image file"),
+        ("huge", "exceeds limit of"),  # a header that declares 200M pixels: Pillow's decompression bomb guard
         ("missing", "no such file or folder"),
         ("empty folder", "no image files in this folder"),
     ],
@@ -106,11 +120,13 @@ def test_bad_image_input_is_a_one_line_error_naming_it(capsys, model_dir, tmp_pa
         path.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
     elif kind == "empty folder":
         path.mkdir()
+    elif kind == "huge":
+        path.write_bytes(png_declaring(20000, 10000))
 
     code, lines, err = _predict(capsys, model_dir, path)
 
     assert code == 2 and lines == []
-    assert err == f"error: {path}: {message}\n"
+    assert err.startswith(f"error: {path}: ") and message in err and err.count("\n") == 1, err
 
 
 def test_a_folder_that_is_not_a_model_is_a_one_line_error(capsys, cifar_jpegs, tmp_path):

@@ -48,6 +48,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError):
         raise UserError(f"{path}: not a readable image file") from None
+    except Image.DecompressionBombError as error:  # not an OSError: Pillow's guard against a huge declared size
+        raise UserError(f"{path}: {error}") from None
 
 
 def load_model(
