@@ -129,6 +129,26 @@ def test_two_processes_count_every_sample_once_and_agree(one_process, model_dir,
     assert result.stdout.count("top-5 accuracy") == 1  # printed by the main process only
 
 
+@pytest.mark.slow
+def test_a_streamed_split_on_two_processes_gives_the_independent_figures(expected, model_dir, cifar10_dir, tmp_path):
+    # One parquet shard for 2 processes: each reads every other row, the shorter part padded (vit_hf.streaming).
+    data = {"train_split": "train", "eval_split": None, "test_split": f"test[:{ROWS}]", "streaming": True}
+    recipe = {"data": {"dataset": _dataset(cifar10_dir), **data}}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    args = [str(model_dir), "--recipe", str(tmp_path / "recipe.json"), "--batch-size", "64", "--num-workers", "2",
+            "--out", str(tmp_path / "report")]  # fmt: skip
+    result = _validate(args, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "validate.json").read_text())
+    assert (report["samples"], report["num_processes"]) == (ROWS, 2)
+    assert report["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    assert report["top5_accuracy"] == pytest.approx(expected["top5_accuracy"], abs=1e-12)
+    assert report["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+    assert {name: row["samples"] for name, row in report["per_class"].items()} == {
+        name: row["samples"] for name, row in expected["per_class"].items()
+    }
+
+
 def test_recipe_names_the_data_set_and_its_splits(model_dir, cifar10_dir, tmp_path):
     recipe = {"data": {"dataset": _dataset(cifar10_dir), "test_split": f"test[:{ROWS}]", "num_workers": 0}}
     recipe_path = tmp_path / "recipe.json"

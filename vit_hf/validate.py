@@ -5,7 +5,8 @@
     accelerate launch -m vit_hf.validate MODEL_DIR --recipe recipes/cifar10.json
 
 Writes validate.json and confusion_matrix.png into --out (default: the model folder). Runs on any number of
-processes, as the fine-tuning loop does; every sample of the split is counted exactly once.
+processes, as the fine-tuning loop does; every sample of the split is counted exactly once. A recipe with
+data.streaming reads the split as a stream (a split name or absolute rows, `test[:1000]`).
 """
 
 import argparse
@@ -24,6 +25,7 @@ from vit_hf.evaluation import evaluate_split, gloo_on_cpu
 from vit_hf.export import check_model_dir, load_model_dir
 from vit_hf.files import atomic_file, write_json
 from vit_hf.recipe import SPLIT_FIELDS, load_recipe, section_defaults
+from vit_hf.streaming import make_stream_loader
 
 ANNOTATE_UP_TO = 20  # classes; beyond this the cells are too small to print in
 
@@ -151,18 +153,24 @@ def validate(
     accelerator = Accelerator(cpu=gloo_on_cpu())
     with accelerator.main_process_first():
         try:
-            splits = load_splits({**data, "train_split": None, "eval_split": None, "test_split": split})
+            data = {**data, "train_split": None, "eval_split": None, "test_split": split}
+            splits = load_splits(data, streaming_ok=True)
         except UserError as error:
             raise UserError(str(error).replace("test_split", "split", 1)) from None
         model = load_model_dir(model_dir)
     check_classes(model, model_dir, splits.class_names, splits.name)
     image_size = model.config.image_size
-    loader = make_loader(
-        splits.test, splits.image_column, splits.label_column, batch_size, shuffle=False,
-        num_workers=num_workers, bad_images=data.get("bad_images", "stop"), image_size=image_size,
-    )  # fmt: skip
+    columns = splits.image_column, splits.label_column
+    options = {"num_workers": num_workers, "bad_images": data.get("bad_images", "stop"), "image_size": image_size}
+    if splits.streaming:  # each process reads its part once; the parts padded to as many batches (vit_hf.streaming)
+        loader = make_stream_loader(
+            splits.test, *columns, len(splits.class_names), batch_size, shuffle=False, even=True,
+            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+            device=accelerator.device, **options,
+        )  # fmt: skip
+    else:
+        loader = accelerator.prepare(make_loader(splits.test, *columns, batch_size, shuffle=False, **options))
     model = model.to(accelerator.device)
-    loader = accelerator.prepare(loader)
     result = evaluate_split(model, loader, DeviceTransform(image_size, train=False), accelerator)
     summary, confusion = summarise(result, splits.class_names)
     report = {
