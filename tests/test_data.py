@@ -398,6 +398,14 @@ def test_a_photo_past_pillows_size_limit_is_an_undecodable_row_not_a_crash():
     one_line_error(lambda: batch["pixels"], "row 2", "undecodable", "exceeds limit")
 
 
+def test_a_row_without_an_image_is_named_as_such():
+    data = datasets.Dataset.from_dict({"image": [random_image(8, 8, 0), None], "label": [0, 1]})
+    data = data.cast_column("image", datasets.Image())
+    assert first_batch(data, bad_images="skip")["skipped"].item() == 1
+    batch = first_batch(data)
+    one_line_error(lambda: batch["pixels"], "row 1", "the row has no image (null)")
+
+
 def test_skipped_images_are_left_out_and_counted():
     batch = first_batch(broken_dataset(), bad_images="skip")
     assert batch["index"].tolist() == [0, 1, 3]

@@ -588,6 +588,8 @@ class _Opened:
 def _open(image: dict) -> _Opened:
     """The stored image, opened, with the orientation datasets' Image decode and transformers' `load_image` apply:
     the EXIF (or XMP) Orientation tag, read as `PIL.ImageOps.exif_transpose` reads it."""
+    if image is None or image.get("bytes") is None and not image.get("path"):
+        raise ValueError("the row has no image (null)")
     opened = PIL.Image.open(io.BytesIO(image["bytes"]) if image["bytes"] is not None else image["path"])
     if opened.format == "PNG" and not _png_metadata_after_pixels(opened):
         # PNG's getexif decodes the pixels first, as EXIF or XMP may follow them: where no such chunk does, read what
