@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 
 import pytest
 from transformers import ViTConfig
@@ -76,6 +77,36 @@ def test_input_pipeline_bench_prints_both_pipelines_and_the_ratio(cifar10_dir, c
     assert [row["ratio"] for row in rows][0] == 1.0 and rows[1]["images_per_second"] > 0
     assert rows[1]["ratio"] == pytest.approx(rows[1]["images_per_second"] / rows[0]["images_per_second"], rel=0.01)
     assert "| pipeline | images/s | per worker | ratio |" in lines
+
+
+@pytest.mark.parametrize("decoder", ["region", "pillow"])
+def test_input_pipeline_bench_times_photos_made_from_the_data_set_with_either_jpeg_decoder(
+    cifar10_dir, capsys, monkeypatch, decoder
+):
+    from vit_hf import data as data_module
+    from vit_hf.bench_data import main
+
+    if data_module._jpeg is None:
+        pytest.skip("vit_hf._jpeg is not built (no C compiler or libjpeg-turbo headers at install)")
+    calls = []
+
+    def decode_region(*args):
+        calls.append(args[2:])
+        return real.decode_region(*args)
+
+    real = data_module._jpeg
+    monkeypatch.setattr(data_module, "_jpeg", type("Spy", (), {"decode_region": staticmethod(decode_region)}))
+    monkeypatch.delenv(data_module.JPEG_DECODER_VARIABLE, raising=False)
+    dataset = {"path": "parquet", "data_files": {"train": str(cifar10_dir / "train.parquet")}}
+    photos = ["--make-photos", "24", "--photo-sides", "60", "90", "--jpeg-decoder", decoder]
+    timing = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--warmup", "1", "--batches", "2"]
+    main(["--dataset", json.dumps(dataset), *photos, *timing])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()[:2]]
+    assert [row["jpeg_decoder"] for row in rows] == [decoder, decoder]
+    assert rows[0]["images"].startswith("24 JPEGs of 60-90 px made from")
+    # Ours decodes each photo's crop region (3 batches of 8), or never where Pillow is asked for.
+    assert len(calls) == (24 if decoder == "region" else 0)
+    assert (os.environ.get(data_module.JPEG_DECODER_VARIABLE) == "pillow") == (decoder == "pillow")  # for workers
 
 
 @pytest.mark.slow

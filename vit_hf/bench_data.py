@@ -14,6 +14,7 @@ Both see a photo upright by its EXIF orientation (the example through datasets' 
     python -m vit_hf.bench_data --dataset '{"path": "parquet", "data_files": {"train": "cifar10/train.parquet"}}'
     python -m vit_hf.bench_data --photos ~/Pictures --num-workers 1 --batch-size 64 --batches 20
     python -m vit_hf.bench_data --make-photos 2000 --num-workers 1 --batch-size 64 --batches 20
+    python -m vit_hf.bench_data --make-photos 2000 --num-workers 1 --batch-size 64 --batches 20 --jpeg-decoder pillow
 
 --dataset takes a short name (cifar10, cifar100) or the keyword arguments of datasets.load_dataset as JSON, as
 validate's does; its train split is read. --photos DIR reads every image file under DIR (class folders or not);
@@ -43,6 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from vit_hf import data as data_module
 from vit_hf.bench_trainer import collate, train_transform
 from vit_hf.data import DeviceTransform, load_splits, make_loader
 from vit_hf.errors import UserError, cli_entry
@@ -164,7 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=50, help="timed batches per pipeline")
     parser.add_argument("--warmup", type=int, default=5, help="batches before the timing starts")
     parser.add_argument("--threads", type=int, help="torch threads on a CPU device (default: cores - workers, >= 1)")
+    parser.add_argument(
+        "--jpeg-decoder", choices=("region", "pillow"), help="ours: the crop's region (vit_hf._jpeg, the default "
+        "where it is built) or Pillow's whole decode, as an install without the extension"
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    decoder = choose_jpeg_decoder(args.jpeg_decoder)
     with tempfile.TemporaryDirectory() as folder:
         dataset, image_column, label_column, images = bench_images(args, Path(folder))
         if (args.warmup + args.batches) * args.batch_size > len(dataset):
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
         "batches": args.batches,
+        "jpeg_decoder": decoder,
     }
     for name, rate in rates.items():
         row = {"pipeline": name, **setting, "images_per_second": round(rate, 1)}
@@ -188,6 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, rate in rates.items():
         per_worker = rate / max(1, args.num_workers)
         print(f"| {name} | {rate:,.0f} | {per_worker:,.0f} | {rate / rates[BASELINE]:.2f} |")
+
+
+def choose_jpeg_decoder(asked: str | None) -> str:
+    """Set how our loader decodes JPEGs, in this process and its workers; return it ("region" or "pillow")."""
+    if asked == "region" and data_module._jpeg is None:
+        raise UserError("--jpeg-decoder region: vit_hf._jpeg is not built (no C compiler or libjpeg-turbo headers)")
+    if asked == "pillow":
+        os.environ[data_module.JPEG_DECODER_VARIABLE] = "pillow"  # workers started by spawn import it anew
+        data_module._jpeg = None
+    return "pillow" if data_module._jpeg is None else "region"
 
 
 def time_pipelines(dataset: datasets.Dataset, image_column: str, label_column: str, args) -> dict[str, float]:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import io
 import math
+import os
 import pickle
 import tarfile
 import warnings
@@ -34,6 +35,10 @@ try:
     from vit_hf import _jpeg  # compiled where the install found a C compiler and libjpeg-turbo's headers (setup.py)
 except ImportError:
     _jpeg = None  # whole JPEGs decoded by Pillow instead: the same crops, slower
+# VIT_HF_JPEG_DECODER=pillow: Pillow's whole decode even where the extension is built (a comparison, a way around it).
+JPEG_DECODER_VARIABLE = "VIT_HF_JPEG_DECODER"
+if os.environ.get(JPEG_DECODER_VARIABLE) == "pillow":
+    _jpeg = None
 
 if TYPE_CHECKING:
     from vit_hf.streaming import StreamSplit
