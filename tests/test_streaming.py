@@ -461,3 +461,33 @@ def test_webdataset_shards_over_http_stream_on_2_processes_x_2_workers_and_resum
     assert {path.rsplit("/", 1)[-1] for path in got} >= {f"train-{i:05d}.tar" for i in range(len(train))}
     copies = [path for path in cache.rglob("*") if path.is_file() and path.stat().st_size > 10_000]
     assert copies == []  # streamed: no shard was downloaded into the cache
+
+
+def test_zipped_photo_folders_are_refused_in_one_line_and_metadata_folders_stream_with_a_warning(
+    cifar10_dir, tmp_path, caplog
+):
+    # datasets 5.2 labels the images of an archive by the archive's own folder ("train"): refused, not mislabelled.
+    folder = write_photo_folder(tmp_path / "photos", cifar10_dir, broken=False)
+    zipped = tmp_path / "zipped"
+    (zipped / "train").mkdir(parents=True)
+    shutil.make_archive(str(zipped / "train" / "photos"), "zip", folder / "train")
+    with pytest.raises(UserError, match=r"^data.dataset: split 'train' holds zip archives \(photos.zip\)") as error:
+        load_splits(folder_data(zipped, eval_split=None, test_split=None), streaming_ok=True)
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="datasets could not read it: Invalid string class label train"):
+        load_splits(folder_data(zipped, eval_split=None, test_split=None, streaming=False))
+
+    listed = tmp_path / "listed" / "train"  # labels from a metadata file: datasets' own one-shard stream
+    listed.mkdir(parents=True)
+    photos = sorted((folder / "train").rglob("*.png"))
+    for i, photo in enumerate(photos):
+        shutil.copy(photo, listed / f"{i}.png")
+    (listed / "metadata.csv").write_text(
+        "file_name,label\n" + "".join(f"{i}.png,{i % 3}\n" for i in range(len(photos)))
+    )
+    with caplog.at_level("WARNING", logger="vit_hf.streaming"):
+        data = folder_data(listed.parent, eval_split=None, test_split=None, class_names=["a", "b", "c"])
+        splits = load_splits(data, streaming_ok=True)
+    assert splits.train.num_shards == 1 and any("one shard, in file order" in r.getMessage() for r in caplog.records)
+    batches = list(loader(splits.train, splits, workers=0, shuffle=False, image_size=32))
+    assert sorted(i for b in batches for i in b["labels"].tolist()) == sorted(i % 3 for i in range(len(photos)))

@@ -169,6 +169,10 @@ def _load_source(
         raise UserError(f"could not fetch data set {name!r} ({_one_line(error)}); {LOCAL_FILES_HINT}") from error
     except FileNotFoundError as error:
         raise UserError(f"data set {name!r}: {_one_line(error)}") from error
+    except datasets.exceptions.DatasetGenerationError as error:  # the cause is what went wrong in its builder
+        raise UserError(
+            f"data set {name!r}: datasets could not read it: {_one_line(error.__cause__ or error)}"
+        ) from error
     if not isinstance(source, datasets.IterableDatasetDict if streaming else datasets.DatasetDict):
         raise UserError(
             f"data set {name!r}: load_dataset must return all splits (no 'split' or 'streaming' keys); "

@@ -46,6 +46,7 @@ The design, and why:
 """
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -56,6 +57,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from vit_hf.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 SHARD_ROWS = 10**9  # the row index of a sample: shard * SHARD_ROWS + row in the shard
 _PART = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*([^\]:]*?)\s*:\s*([^\]]*?)\s*\])?\s*$")
@@ -162,10 +165,23 @@ def shard_folder_streams(source: datasets.IterableDatasetDict, dataset: dict) ->
             is_image = {extension.lower(), os.path.splitext(root)[1].lower()} & set(builder.EXTENSIONS)
             (files if is_image else others).append(file)
         # Metadata files and zip archives are read by datasets' own imagefolder; other files it ignores too.
-        metadata = set(builder.config.metadata_filenames or builder.METADATA_FILENAMES)
-        if set(stream.features or {}) - {"image", "label"} or any(
-            os.path.basename(file) in metadata or file.lower().endswith(".zip") for file in others
-        ):
+        names = set(builder.config.metadata_filenames or builder.METADATA_FILENAMES)
+        metadata = [file for file in others if os.path.basename(file) in names]
+        archives = [file for file in others if file.lower().endswith(".zip")]
+        if archives and not metadata and isinstance(stream.features.get("label"), datasets.ClassLabel):
+            # datasets (5.2) labels an archive's images by the folder of the archive, not by their own folders.
+            raise UserError(
+                f"data.dataset: split {split!r} holds zip archives ({os.path.basename(archives[0])}), whose images "
+                "datasets labels by the archive's folder, not their own: extract them, or write parquet or "
+                "webdataset shards"
+            )
+        if metadata or archives or set(stream.features) - {"image", "label"}:
+            logger.warning(
+                "split %r of the folder streams as datasets reads a folder with metadata files or zip archives: one "
+                "shard, in file order, so one worker a process and blocks of neighbouring files; for a shuffled "
+                "stream, write the images as parquet or webdataset shards",
+                split,
+            )
             return source
         order = np.random.default_rng(0).permutation(len(files))
         count = max(-(-len(files) // FOLDER_SHARD_FILES), min(len(files), FOLDER_SHARDS))
