@@ -21,7 +21,7 @@ from test_finetune import assert_same_weights, losses, tiny_recipe, weights, wri
 from test_photos import BROKEN, CLASSES, SPLIT_SIZES, photo_recipe, write_photo_folder
 
 from vit_hf.data import load_splits
-from vit_hf.errors import UserError
+from vit_hf.errors import RunError, UserError
 from vit_hf.recipe import resolve_recipe
 from vit_hf.streaming import SHARD_ROWS, StreamLoader, make_stream_loader
 
@@ -414,13 +414,23 @@ def test_a_streamed_photo_folder_and_webdataset_shards_train_end_to_end(cifar10_
 
 @pytest.fixture
 def served(tmp_path):
-    """A folder served over HTTP on 127.0.0.1 (a stand-in for remote shards); yields (folder, base URL, paths got)."""
-    folder, got = tmp_path / "served", []
+    """A folder served over HTTP on 127.0.0.1 (a stand-in for remote shards); yields (folder, base URL, paths got,
+    the paths of the GET requests, {path: GETs served before it is answered 404}: a shard that goes away)."""
+    folder, got, gets, gone = tmp_path / "served", [], [], {}
     folder.mkdir()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(folder), **kwargs)
+
+        def do_GET(self):  # noqa: N802 (the http.server API)
+            gets.append(self.path)
+            if gone.get(self.path, 1) <= 0:
+                self.send_error(404)
+                return
+            if self.path in gone:
+                gone[self.path] -= 1
+            super().do_GET()
 
         def log_message(self, format, *args):  # noqa: A002 (the http.server API)
             got.append(self.path)
@@ -428,7 +438,7 @@ def served(tmp_path):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}", got
+    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}", got, gets, gone
     httpd.shutdown()
     thread.join()
 
@@ -437,7 +447,7 @@ def served(tmp_path):
 def test_webdataset_shards_over_http_stream_on_2_processes_x_2_workers_and_resume_without_a_local_copy(
     cifar10_dir, served, tmp_path
 ):
-    folder, url, got = served
+    folder, url, got, _, _ = served
     train = write_webdataset(cifar10_dir, folder / "train", (40, 25, 35, 30, 20))
     test = write_webdataset(cifar10_dir, folder / "test", (20, 15))
     files = {split: [f"{url}/{split}/train-{i:05d}.tar" for i in range(len(shards))] for split, shards in
@@ -491,3 +501,28 @@ def test_zipped_photo_folders_are_refused_in_one_line_and_metadata_folders_strea
     assert splits.train.num_shards == 1 and any("one shard, in file order" in r.getMessage() for r in caplog.records)
     batches = list(loader(splits.train, splits, workers=0, shuffle=False, image_size=32))
     assert sorted(i for b in batches for i in b["labels"].tolist()) == sorted(i % 3 for i in range(len(photos)))
+
+
+def test_a_shard_that_cannot_be_read_mid_stream_stops_with_one_line_naming_it(cifar10_dir, served, tmp_path):
+    folder, url, _, gets, gone = served
+    write_webdataset(cifar10_dir, folder, (20, 20, 20))
+    files = [f"{url}/train-{i:05d}.tar" for i in range(3)]
+    data = {"dataset": {"path": "webdataset", "data_files": {"train": files}}, "train_split": "train",
+            "eval_split": None, "test_split": None, "streaming": True, "class_names": CIFAR10_NAMES}  # fmt: skip
+    splits = load_splits(data, streaming_ok=True)
+    gets_to_open = gets.count("/train-00001.tar")  # what opening the stream reads of it
+    gone["/train-00001.tar"] = 0  # after the stream opened: the source is gone, or the network
+    for workers in (0, 2):
+        with pytest.raises(RunError, match=r"^data.train_split: cannot read shard 1: FileNotFoundError: http") as error:
+            for batch in loader(splits.train, splits, workers=workers, shuffle=False):
+                batch["pixels"]
+        assert "\n" not in str(error.value) and "--resume auto" in str(error.value)
+
+    # The loop: exit code 1, one error line, no traceback.
+    gone["/train-00001.tar"] = gets_to_open
+    recipe = tiny_recipe(Path("."), tmp_path / "out", data=data | {"num_workers": 2, "train_split": "train[8:]",
+                                                                    "eval_split": "train[:8]"})  # fmt: skip
+    result = run_module("vit_hf.finetune", [str(write_recipe(tmp_path, recipe, "gone.json"))])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "cannot read shard 1" in errors[0]

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 
-from vit_hf.errors import UserError
+from vit_hf.errors import RunError, UserError
 from vit_hf.recipe import SPLIT_FIELDS, section_defaults
 
 try:
@@ -429,7 +429,8 @@ class _FailedBatch(dict):
     """
 
     def __getitem__(self, key: str):
-        raise UserError(dict.get(self, "error"))
+        error = UserError if dict.get(self, "exit_code", 2) == 2 else RunError  # 1: the data could not be read
+        raise error(dict.get(self, "error"))
 
 
 _T = TypeVar("_T")

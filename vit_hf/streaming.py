@@ -255,7 +255,11 @@ class _StreamRows(torch.utils.data.IterableDataset):
         order = self.lane_shards(lane, epoch)
         for position in range(start["position"] if start else 0, len(order)):
             resume = start if start and position == start["position"] else None
-            yield from self._shard(lane, epoch, position, order[position], resume)
+            try:
+                yield from self._shard(lane, epoch, position, order[position], resume)
+            except Exception as error:  # a shard gone, cut short or out of reach: its batch says so, the lane ends
+                yield -1, epoch, _ReadFailure(f"{type(error).__name__}: {error}", order[position]), None, lane, None
+                return
 
     def _shard(self, lane: int, epoch: int, position: int, number: int, resume: dict | None) -> Iterator[tuple]:
         shard = self.split.shards[number]
@@ -290,6 +294,14 @@ class _StreamRows(torch.utils.data.IterableDataset):
                 return
 
 
+@dataclasses.dataclass(frozen=True)
+class _ReadFailure:
+    """In place of a row's label: the lane could not read shard SHARD (the error's type and message)."""
+
+    error: str
+    shard: int
+
+
 def _readable(image: dict | None) -> dict | None:
     """The image with its bytes where only a path that is not local was stored (a remote imagefolder)."""
     if image is None or image.get("bytes") is not None or not image.get("path") or os.path.exists(image["path"]):
@@ -316,6 +328,12 @@ class _StreamCollate:
         from vit_hf.data import _FailedBatch
 
         for index, _, label, *_ in examples:
+            if isinstance(label, _ReadFailure):
+                return _FailedBatch(
+                    error=f"{self.where}: cannot read shard {label.shard}: {' '.join(label.error.split())}; the "
+                    "checkpoints are kept: --resume auto continues from the last one once the data can be read",
+                    exit_code=1,
+                )
             if label is None or not 0 <= label < self.num_classes:
                 shard, row = divmod(index, SHARD_ROWS)
                 return _FailedBatch(
@@ -368,7 +386,7 @@ class StreamLoader:
             batch = next(batches, None)
             if batch is not None:
                 stream = dict.pop(batch, "stream", None)
-                if stream is not None:  # else a failed batch: reading it raises its error
+                if stream is not None and stream[1] is not None:  # None: a lane that could not read a shard
                     self.lanes[stream[0]] = stream[1]
                     self.next_lane = (stream[0] + 1) % self.rows.workers
                 batch = send_to_device(batch, self.device, non_blocking=True)
