@@ -1,6 +1,7 @@
 """Run a `vit_hf` command line in real processes: one, or several gloo processes on the CPU."""
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -13,6 +14,22 @@ def offline_env() -> dict:
     return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+def free_port() -> int:
+    """A free port for a job's rendezvous, from a range of this pytest-xdist worker's own (2,000 ports below the
+    kernel's ephemeral range): a port is free when chosen and bound by the job a moment later, so two workers that
+    both asked the kernel for any free port could start two jobs on one port, whose processes would then meet."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 10
+    first = 10000 + 2000 * worker
+    for port in random.Random().sample(range(first, first + 2000), 2000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + 1999}")
+
+
 def run_module(
     module: str, args: list[str], processes: int = 1, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
@@ -21,9 +38,7 @@ def run_module(
     if processes == 1:
         command = [sys.executable, "-m", module]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(port), "-m", module]  # fmt: skip

@@ -6,7 +6,6 @@ import math
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from launch import offline_env, run_module
+from launch import free_port, offline_env, run_module
 from PIL import Image
 from safetensors.torch import load_file
 from torch.profiler import ProfilerActivity, profile
@@ -420,11 +419,8 @@ def test_from_scratch_augmentations_are_seeded_and_change_every_update(cifar10_d
 def test_torchrun_with_two_processes_trains_and_counts_eval_samples_once(cifar10_dir, tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, out, train={"micro_batch_size": 16}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               "-m", "vit_hf.finetune", str(recipe)]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "vit_hf.finetune", str(recipe)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

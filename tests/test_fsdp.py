@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import offline_env
+from launch import free_port, offline_env
 from test_finetune import assert_same_weights, loaded_weights, losses, tiny_recipe, write_recipe
-from test_scale import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

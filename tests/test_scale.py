@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from launch import offline_env, run_module
+from launch import free_port, offline_env, run_module
 from official_vit import random_params, write_checkpoint
 from test_finetune import TINY_VIT, assert_same_weights, losses, tiny_recipe, weights, write_recipe
 from tqdm.auto import tqdm
@@ -29,12 +28,6 @@ from vit_hf.errors import UserError
 from vit_hf.export import save_model_dir
 from vit_hf.finetune import FineTune, run
 from vit_hf.recipe import resolve_recipe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_here(recipe: dict, resume: str | None = None) -> dict:
@@ -54,6 +47,12 @@ def launched(command: list[str], log: Path, env: dict | None = None) -> Iterator
             if process.poll() is None:
                 process.terminate()
                 process.wait(timeout=120)
+
+
+def updates_shown(log: Path) -> int:
+    """The last update count of the loop's progress bar (`train: ... | N/TOTAL`) in LOG, 0 before the first."""
+    counts = re.findall(r"train:[^|]*\|[^|]*\| (\d+)/\d+", log.read_text(errors="replace"))
+    return int(counts[-1]) if counts else 0
 
 
 def wait_for(condition, process: subprocess.Popen, what: str, seconds: float = 300) -> None:
@@ -130,8 +129,9 @@ def test_sigterm_to_one_of_two_processes_saves_one_checkpoint_at_the_next_update
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", "vit_hf.finetune", str(recipe)]  # fmt: skip
     with launched(command, tmp_path / "log") as agent:
-        wait_for(lambda: (out / "recipe.json").exists(), agent, "recipe.json")
-        time.sleep(3)  # some updates, far from any log, minival or checkpoint step
+        # A few updates (the progress bar's count), far from any log, minival or checkpoint step: few enough that the
+        # float rounding of 2 processes against 1 stays within the tolerance below, whatever the machine's speed.
+        wait_for(lambda: updates_shown(tmp_path / "log") >= 3, agent, "3 updates")
         workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "vit_hf.finetune" in p.cmdline()]
         assert len(workers) == 2
         workers[1].terminate()  # SIGTERM to the second process only
