@@ -147,7 +147,8 @@ def shard_folder_streams(source: datasets.IterableDatasetDict, dataset: dict) ->
     and every block (data.shuffle_buffer rows) would hold one or two classes. Here each split's files are permuted
     with a fixed seed (so split expressions like `train[:1000]` name the same files on every run) and dealt into
     shards, read as datasets' imagefolder reads them: the image by its path (or URL), the label from its folder.
-    Folders with metadata files or archives are left as datasets streams them.
+    A folder with a metadata file streams as datasets reads it (one shard, with a warning); zip archives labelled by
+    their folders are refused in one line (datasets labels their images by the archive's own folder).
     """
     from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
 
