@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from vit_hf import streaming
-from vit_hf.data import load_splits
+from vit_hf.data import streaming
+from vit_hf.data.sources import load_splits
 from vit_hf.recipe import section_defaults
 
 

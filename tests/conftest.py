@@ -38,7 +38,7 @@ def jax_reference_dir() -> Path:
 def jpeg_decoder(request, monkeypatch) -> str:
     """Each way vit_hf.data decodes a JPEG: libjpeg-turbo's region decode (vit_hf._jpeg, where the install built it)
     and Pillow's whole decode (where it did not)."""
-    from vit_hf import data
+    from vit_hf.data import sources as data
 
     if request.param == "region" and data._jpeg is None:
         pytest.skip("vit_hf._jpeg is not built (no C compiler or libjpeg-turbo headers at install)")

@@ -5,9 +5,8 @@ import json
 import os
 
 import pytest
+from bench_loop import MODELS, bench_recipe, peak_tflops, training_flops_per_image
 from transformers import ViTConfig
-
-from vit_hf.bench import MODELS, bench_recipe, peak_tflops, training_flops_per_image
 
 
 def test_a_vit_b16_training_step_at_224_px_is_about_105_gflops_an_image():
@@ -41,7 +40,7 @@ def test_memory_flags_set_the_momentum_dtype_and_gradient_checkpointing_of_the_r
 
 @pytest.mark.slow
 def test_bench_prints_a_json_line_a_case_then_a_table_with_the_ratio(cifar10_dir, capsys, monkeypatch):
-    from vit_hf.bench import main
+    from bench_loop import main
 
     dataset = {"path": "parquet", "data_files": {"train": str(cifar10_dir / "train.parquet")}}
     argv = [
@@ -67,7 +66,7 @@ def test_bench_prints_a_json_line_a_case_then_a_table_with_the_ratio(cifar10_dir
 
 
 def test_input_pipeline_bench_prints_both_pipelines_and_the_ratio(cifar10_dir, capsys):
-    from vit_hf.bench_data import main
+    from bench_data import main
 
     dataset = {"path": "parquet", "data_files": {"train": str(cifar10_dir / "train.parquet")}}
     args = ["--dataset", json.dumps(dataset), "--image-size", "64", "--batch-size", "16"]
@@ -83,8 +82,9 @@ def test_input_pipeline_bench_prints_both_pipelines_and_the_ratio(cifar10_dir, c
 def test_input_pipeline_bench_times_photos_made_from_the_data_set_with_either_jpeg_decoder(
     cifar10_dir, capsys, monkeypatch, decoder
 ):
-    from vit_hf import data as data_module
-    from vit_hf.bench_data import main
+    from bench_data import main
+
+    from vit_hf.data import sources as data_module
 
     if data_module._jpeg is None:
         pytest.skip("vit_hf._jpeg is not built (no C compiler or libjpeg-turbo headers at install)")
@@ -112,7 +112,7 @@ def test_input_pipeline_bench_times_photos_made_from_the_data_set_with_either_jp
 
 @pytest.mark.slow
 def test_whole_process_mode_times_our_process_and_the_trainers_on_the_same_model(capsys):
-    from vit_hf.bench import main
+    from bench_loop import main
 
     argv = [
         "--whole-process", "--model", "tiny", "--layers", "1", "--image-size", "32", "--micro-batch", "8",
@@ -138,8 +138,9 @@ def test_whole_process_mode_times_our_process_and_the_trainers_on_the_same_model
 
 
 def test_whole_process_mode_refuses_a_warm_up_and_a_pretrained_model(capsys):
-    from vit_hf.bench import main, whole_process_recipe
-    from vit_hf.errors import UserError
+    from bench_loop import main, whole_process_recipe
+
+    from vit_hf.utils.errors import UserError
 
     with pytest.raises(SystemExit) as exit:
         main(["--whole-process", "--warmup", "5"])

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from vit_hf.errors import UserError
 from vit_hf.recipe import accumulation_steps, load_recipe, resolve_recipe
+from vit_hf.utils.errors import UserError
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.json"))
 

@@ -31,14 +31,14 @@ from accelerate import Accelerator
 from transformers import ViTForImageClassification
 from transformers.utils.logging import disable_progress_bar
 
-from vit_hf.convert import load_npz
-from vit_hf.data import DeviceTransform, load_splits, make_loader
-from vit_hf.errors import UserError, cli_entry
-from vit_hf.evaluation import gather_rows, gloo_on_cpu
-from vit_hf.export import load_model_dir
-from vit_hf.files import write_json
-from vit_hf.model import is_official_checkpoint
+from vit_hf.data.sources import DeviceTransform, load_splits, make_loader
+from vit_hf.models.build import is_official_checkpoint
+from vit_hf.models.conversion import load_npz
+from vit_hf.publish.model_dir import load_model_dir
 from vit_hf.recipe import SPLIT_FIELDS, load_recipe
+from vit_hf.training.evaluation import gather_rows, gloo_on_cpu
+from vit_hf.utils.errors import UserError, cli_entry
+from vit_hf.utils.files import write_json
 
 DEFAULT_L2_REG = 2.0**10  # big_vision's configs/common_fewshot.py
 BIAS_FEATURE = 100.0

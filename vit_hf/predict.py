@@ -16,8 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import AutoImageProcessor, BaseImageProcessor, ViTForImageClassification
 from transformers.utils.logging import disable_progress_bar
 
-from vit_hf.errors import UserError, cli_entry
-from vit_hf.export import load_model_dir
+from vit_hf.publish.model_dir import load_model_dir
+from vit_hf.utils.errors import UserError, cli_entry
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from vit_hf.augment import save_preview_grid
-from vit_hf.data import load_splits, make_loader
-from vit_hf.errors import UserError, cli_entry
-from vit_hf.files import atomic_file
-from vit_hf.inputs import TrainInputs
+from vit_hf.data.augment import save_preview_grid
+from vit_hf.data.inputs import TrainInputs
+from vit_hf.data.sources import load_splits, make_loader
+from vit_hf.data.streaming import make_stream_loader
 from vit_hf.recipe import load_recipe
-from vit_hf.streaming import make_stream_loader
+from vit_hf.utils.errors import UserError, cli_entry
+from vit_hf.utils.files import atomic_file
 
 
 def augmented_batch(recipe: dict, count: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ from HF_TOKEN or from `hf auth login`.
 
 import argparse
 
-from vit_hf.errors import cli_entry
-from vit_hf.hub import push_to_hub
+from vit_hf.publish.hub import push_to_hub
+from vit_hf.utils.errors import cli_entry
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vit_hf.errors import UserError
+from vit_hf.utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ def _check_augment(augment: dict) -> None:
 
 def _check_streaming(data: dict) -> None:
     """A streamed data set has no length: its splits are names or absolute rows, and no class can be counted."""
-    from vit_hf.streaming import parse_split
+    from vit_hf.data.streaming import parse_split
 
     if data["examples_per_class"] is not None:
         raise UserError("data.examples_per_class: drawing rows of each class needs the whole split, not a stream")

@@ -19,13 +19,13 @@ from matplotlib.figure import Figure
 from transformers import ViTForImageClassification
 from transformers.utils.logging import disable_progress_bar
 
-from vit_hf.data import DeviceTransform, load_splits, make_loader
-from vit_hf.errors import UserError, cli_entry
-from vit_hf.evaluation import evaluate_split, gloo_on_cpu
-from vit_hf.export import check_model_dir, load_model_dir
-from vit_hf.files import atomic_file, write_json
+from vit_hf.data.sources import DeviceTransform, load_splits, make_loader
+from vit_hf.data.streaming import make_stream_loader
+from vit_hf.publish.model_dir import check_model_dir, load_model_dir
 from vit_hf.recipe import SPLIT_FIELDS, load_recipe, section_defaults
-from vit_hf.streaming import make_stream_loader
+from vit_hf.training.evaluation import evaluate_split, gloo_on_cpu
+from vit_hf.utils.errors import UserError, cli_entry
+from vit_hf.utils.files import atomic_file, write_json
 
 ANNOTATE_UP_TO = 20  # classes; beyond this the cells are too small to print in
 
