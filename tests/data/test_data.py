@@ -16,10 +16,9 @@ import pytest
 import scipy.ndimage
 import torch
 from accelerate.data_loader import SeedableRandomSampler, prepare_data_loader, skip_first_batches
+from photos import cifar_images, png_declaring
 from PIL import Image, JpegImagePlugin
 from pil_resize import assert_resized_as_pil
-from test_photos import cifar_images
-from test_predict import png_declaring
 from transformers.image_utils import PILImageResampling
 
 # Without torchvision, transformers 5's ViTImageProcessor falls back to (and returns) this PIL implementation.

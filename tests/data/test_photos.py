@@ -10,52 +10,20 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from launch import run_module
+from photos import BROKEN, CLASSES, SPLIT_SIZES, photo_recipe, write_photo_folder
 from PIL import ExifTags, Image, ImageOps
 from pil_resize import assert_resized_as_pil
+from runs import losses, run_here, write_recipe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_finetune import losses, run_here, tiny_recipe, write_recipe
 from transformers import pipeline
 from transformers.image_utils import load_image as transformers_load_image
 
 import vit_hf.data.sources as data_module
 from vit_hf.data.sources import make_loader
 from vit_hf.predict import load_image as predict_load_image
-
-CLASSES = {"cat": 3, "dog": 5, "ship": 8}  # folder name: CIFAR-10 label
-# Each split's photos cycle through these (mode, format): the modes an image folder may hold.
-KINDS = [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGB", "PNG"), ("L", "PNG")]
-SPLIT_SIZES = {"train": 15, "validation": 7, "test": 5}
-BROKEN = Path("train") / "dog" / "broken.jpg"
-
-
-def cifar_images(cifar10_dir: Path, label: int, count: int) -> list[Image.Image]:
-    """The first COUNT CIFAR-10 test images of one class."""
-    rows = pq.read_table(cifar10_dir / "test.parquet").slice(0, 400).to_pylist()
-    images = [Image.open(io.BytesIO(row["img"]["bytes"])).convert("RGB") for row in rows if row["label"] == label]
-    return images[:count]
-
-
-def write_photo_folder(root: Path, cifar10_dir: Path, broken: bool) -> Path:
-    """An imagefolder (split/class/photo) of photos 24-160 px wide and high, of every kind in KINDS; with BROKEN, a
-    file that is no image among the training photos (16 training rows either way, for 2 batches of 8 an epoch)."""
-    rng = np.random.default_rng(0)
-    pool = {name: cifar_images(cifar10_dir, label, sum(SPLIT_SIZES.values())) for name, label in CLASSES.items()}
-    for split, size in SPLIT_SIZES.items():
-        for i in range(size + (split == "train" and not broken)):
-            name = list(CLASSES)[i % len(CLASSES)]
-            mode, kind = KINDS[i % len(KINDS)]
-            width, height = (int(side) for side in rng.integers(24, 161, 2))
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            photo = pool[name].pop().resize((width, height), Image.BICUBIC).convert(mode)
-            photo.save(folder / f"{i:02d}.{kind.lower()}", kind)
-    if broken:
-        (root / BROKEN).write_bytes(b"not a JPEG")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +34,6 @@ def photos(cifar10_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def clean_photos(cifar10_dir, tmp_path_factory) -> Path:
     return write_photo_folder(tmp_path_factory.mktemp("clean_photos"), cifar10_dir, broken=False)
-
-
-def photo_recipe(cifar10_dir: Path, folder: Path, out: Path, **data) -> dict:
-    """tiny_recipe's ViT and schedule on a photo folder: 4 updates of 8, i.e. 2 epochs of its 16 training rows."""
-    source = {"path": "imagefolder", "data_dir": str(folder), "cache_dir": str(out.parent / "datasets_cache")}
-    return tiny_recipe(
-        cifar10_dir,
-        out,
-        data={
-            "dataset": source, "train_split": "train", "eval_split": "validation", "test_split": "test",
-            "augment": {"crop_scale": [0.3, 1.0], "hflip": True}, "bad_images": "skip", **data,
-        },
-        schedule={"name": "cosine", "warmup_steps": 1, "total_steps": 4},
-        train={"global_batch_size": 8, "micro_batch_size": 8, "eval_batch_size": 3, "eval_every": 2, "log_every": 1},
-    )  # fmt: skip
 
 
 def finetune(tmp_path: Path, recipe: dict, processes: int = 1):

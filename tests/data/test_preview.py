@@ -3,8 +3,8 @@
 import json
 
 import pytest
+from photos import write_photo_folder
 from PIL import Image
-from test_photos import write_photo_folder
 
 from vit_hf.preview import main
 

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from launch import run_module
+from photos import BROKEN, CLASSES, SPLIT_SIZES, photo_recipe, write_photo_folder
 from PIL import Image, ImageOps
-from test_finetune import assert_same_weights, losses, tiny_recipe, weights, write_recipe
-from test_photos import BROKEN, CLASSES, SPLIT_SIZES, photo_recipe, write_photo_folder
+from runs import assert_same_weights, losses, tiny_recipe, weights, write_recipe
 
 from vit_hf.data.sources import load_splits
 from vit_hf.data.streaming import SHARD_ROWS, StreamLoader, make_stream_loader

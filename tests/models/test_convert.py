@@ -14,7 +14,8 @@ from official_vit import forward, random_params, write_checkpoint
 from PIL import Image
 from transformers import AutoImageProcessor, ViTForImageClassification, pipeline
 
-from vit_hf.models.conversion import load_npz, main, model_to_npz_params, resize_position_embeddings
+from vit_hf.convert import main
+from vit_hf.models.conversion import load_npz, model_to_npz_params, resize_position_embeddings
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

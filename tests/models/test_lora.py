@@ -13,14 +13,14 @@ import torch
 from launch import offline_env, one_line_error
 from peft import LoraConfig, get_peft_model
 from PIL import Image
+from runs import CIFAR10_CLASSES, finetune, losses, run_here, tiny_recipe, weights, write_recipe
 from safetensors.torch import load_file
-from test_finetune import CIFAR10_CLASSES, finetune, losses, run_here, tiny_recipe, weights, write_recipe
 from transformers import AutoImageProcessor, ViTForImageClassification
 
+from vit_hf.finetune import main as finetune_main
 from vit_hf.models.conversion import load_npz
 from vit_hf.publish.model_dir import save_model_dir
 from vit_hf.recipe import load_recipe, resolve_recipe
-from vit_hf.training.loop import main as finetune_main
 from vit_hf.utils.errors import UserError
 
 # Rank 4 with alpha 16: a scaling of 4, so a merge that forgets it cannot pass; fc1 is wider than the attention.

@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, ViTForImageClassification
 
+from vit_hf.attention import main
 from vit_hf.models.conversion import load_npz
 from vit_hf.publish.attention_maps import (
     _jet,
     attention_rollout,
-    main,
     pixels_to_images,
     prediction_grid,
     rollout,

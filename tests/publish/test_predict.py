@@ -1,13 +1,11 @@
 """The inference CLI: batched top-k predictions as JSON lines, checked against the official model's logits."""
 
-import io
 import json
-import struct
-import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from photos import png_declaring
 from PIL import Image
 
 from vit_hf.models.conversion import load_npz
@@ -93,16 +91,6 @@ def test_real_cifar_jpegs_get_top_five_distinct_labels_best_first(capsys, model_
         assert len({p["label"] for p in line["predictions"]}) == 5
         assert {p["label"] for p in line["predictions"]} <= set(CIFAR10_CLASSES)
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose header declares WIDTH x HEIGHT (its CRC fixed): Pillow refuses it at open, decoding nothing."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buffer, "PNG")
-    png = bytearray(buffer.getvalue())
-    png[16:24] = struct.pack(">II", width, height)  # IHDR's data starts after the signature, length and type
-    png[29:33] = struct.pack(">I", zlib.crc32(png[12:29]))
-    return bytes(png)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from test_finetune import run_here, tiny_recipe, weights
+from runs import run_here, tiny_recipe, weights
 
 from vit_hf.recipe import resolve_recipe
 from vit_hf.training.ema import WeightAverage

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from launch import free_port, offline_env
-from test_finetune import assert_same_weights, loaded_weights, losses, tiny_recipe, write_recipe
+from runs import assert_same_weights, loaded_weights, losses, tiny_recipe, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from launch import run_module
-from test_finetune import losses, tiny_recipe, weights, write_recipe
+from runs import losses, tiny_recipe, weights, write_recipe
 from transformers import ViTForImageClassification
 
 from vit_hf.recipe import resolve_recipe

@@ -19,7 +19,7 @@ import pytest
 import torch
 from launch import free_port, offline_env, run_module
 from official_vit import random_params, write_checkpoint
-from test_finetune import TINY_VIT, assert_same_weights, losses, tiny_recipe, weights, write_recipe
+from runs import TINY_VIT, assert_same_weights, losses, tiny_recipe, weights, write_recipe
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 

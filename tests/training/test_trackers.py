@@ -4,11 +4,11 @@ import json
 
 import pytest
 from launch import one_line_error
-from test_finetune import finetune, losses, tiny_recipe, train_rows, write_recipe
+from runs import finetune, losses, tiny_recipe, train_rows, write_recipe
 from transformers import ViTForImageClassification
 
+from vit_hf.finetune import main as finetune_main
 from vit_hf.publish.hub import CURVES
-from vit_hf.training.loop import main as finetune_main
 
 
 def tracked_recipe(cifar10_dir, out, report_to: list[str]) -> dict:
