@@ -22,11 +22,33 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (changing it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_open_would(path: Path) -> Path:
+    """Give PATH the mode an ordinary `open()` or `mkdir()` would (0644 and 0755 under umask 022): `mkstemp` and
+    `mkdtemp` make their files and folders private, and a model folder must be readable by a serving process."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
+    return path
+
+
+def _settle_tree(root: Path) -> None:
+    """Give every file and folder under ROOT the mode an ordinary `open()` would (some writers, such as
+    transformers' `save_pretrained`, go through private temporary files of their own), then flush them to disk."""
     for folder, _, names in os.walk(root):
         for name in names:
-            fsync_path(Path(folder) / name)
-        fsync_path(folder)
+            fsync_path(_as_open_would(Path(folder) / name))
+        fsync_path(_as_open_would(Path(folder)))
 
 
 @contextlib.contextmanager
@@ -37,7 +59,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
-    staging = Path(name)
+    staging = _as_open_would(Path(name))
     try:
         yield staging
         fsync_path(staging)
@@ -67,10 +89,10 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = _as_open_would(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent)))
     try:
         yield staging
-        _fsync_tree(staging)
+        _settle_tree(staging)
         if out_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(retired / out_dir.name)
@@ -93,7 +115,7 @@ def atomic_files_into(out_dir: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=".files.tmp-", dir=out_dir))
     try:
         yield staging
-        _fsync_tree(staging)
+        _settle_tree(staging)
         for path in staging.iterdir():
             os.replace(path, out_dir / path.name)
         fsync_path(out_dir)
