@@ -1,6 +1,7 @@
 """Recipes: every shipped one is valid, and bad ones are refused naming the field."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from vit_hf.recipe import accumulation_steps, load_recipe, resolve_recipe
 from vit_hf.utils.errors import UserError
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.json"))
+CIFAR10 = next(path for path in RECIPES if path.name == "cifar10.json")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -140,3 +142,48 @@ def test_recipe_file_errors_name_the_file(tmp_path):
     unknown.write_text(json.dumps({"trian": {}}))
     with pytest.raises(UserError, match="unknown.json: trian: unknown field"):
         load_recipe(unknown)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('model.config={"num_hidden_layers": 9}', "model.config.num_hidden_layers: fixed by the pretrained checkpoint"),
+        ("model.config.patch_size=8", "model.config.patch_size: fixed by the pretrained checkpoint"),
+        ("model.config.attention_probs_dropout_prob=1.5", "model.config.attention_probs_dropout_prob: expected a num"),
+    ],
+)
+def test_model_config_beside_a_checkpoint_refuses_what_the_checkpoint_fixes(override, message):
+    with pytest.raises(UserError, match=re.escape(f"--set {override}: {message}")):
+        load_recipe(CIFAR10, [override])
+    # The dropout rates apply (tests/models/test_model.py checks them on the model).
+    recipe = load_recipe(CIFAR10, ["model.config.attention_probs_dropout_prob=0.3"])
+    assert recipe["model"]["config"] == {"attention_probs_dropout_prob": 0.3}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.seed=abc"], '--set train.seed=abc: train.seed: expected an integer, got "abc"'),
+        (["train.micro_batch_size=7"], "--set train.micro_batch_size=7: train.global_batch_size: "),
+        (
+            ["model.image_size=30"],
+            "--set model.image_size=30: model.image_size: 30 is not divisible by the patch size 16",
+        ),
+        (
+            ["model.pretrained=augreg/S_32", "model.image_size=48"],
+            "--set model.image_size=48: model.image_size: 48 is not divisible by the patch size 32",
+        ),
+        (['data={"dataset": 3}'], '--set data={"dataset": 3}: data.dataset: expected a string or an object, got 3'),
+    ],
+)
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_recipe_file(overrides, message):
+    with pytest.raises(UserError) as error:
+        load_recipe(CIFAR10, overrides)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_a_bad_field_in_the_file_is_still_blamed_on_the_file(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"train": {"seed": "abc"}}))
+    with pytest.raises(UserError, match=re.escape(f'{path}: train.seed: expected an integer, got "abc"')):
+        load_recipe(path, ["train.log_every=5"])

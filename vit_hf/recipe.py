@@ -7,6 +7,7 @@ types and impossible combinations are refused with the dotted path of the field.
 import copy
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,18 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+class RecipeError(UserError):
+    """A field of the recipe that is wrong; FIELD is its dotted path, so a `--set` of it can take the blame."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+# With model.pretrained, the checkpoint fixes the architecture; model.config may still set these.
+PRETRAINED_CONFIG_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
 def _type_names(types: tuple[type, ...]) -> str:
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}
     names |= {dict: "an object", NONE: "null"}
@@ -150,11 +163,11 @@ def _resolve(value: Any, schema: Any, path: str) -> Any:
         return None if value is None else _resolve(value, section, path)
     if isinstance(schema, dict):
         if not isinstance(value, dict):
-            raise UserError(f"{path}: expected an object, got {json.dumps(value)}")
+            raise RecipeError(path, f"expected an object, got {json.dumps(value)}")
         unknown = sorted(set(value) - set(schema))
         if unknown:
             where = f"{path}.{unknown[0]}" if path else unknown[0]
-            raise UserError(f"{where}: unknown field (known: {', '.join(schema)})")
+            raise RecipeError(where, f"unknown field (known: {', '.join(schema)})")
         return {
             key: _resolve(value[key] if key in value else _default(sub), sub, f"{path}.{key}" if path else key)
             for key, sub in schema.items()
@@ -163,11 +176,11 @@ def _resolve(value: Any, schema: Any, path: str) -> Any:
     # JSON has no int/float distinction worth refusing, but true is not a number.
     ok = isinstance(value, field.types) and not (isinstance(value, bool) and bool not in field.types)
     if not ok:
-        raise UserError(f"{path}: expected {_type_names(field.types)}, got {json.dumps(value)}")
+        raise RecipeError(path, f"expected {_type_names(field.types)}, got {json.dumps(value)}")
     if field.choices and value not in field.choices:
-        raise UserError(f"{path}: expected one of {', '.join(map(str, field.choices))}, got {json.dumps(value)}")
+        raise RecipeError(path, f"expected one of {', '.join(map(str, field.choices))}, got {json.dumps(value)}")
     if field.positive and value is not None and value <= 0:
-        raise UserError(f"{path}: must be positive, got {value}")
+        raise RecipeError(path, f"must be positive, got {value}")
     return copy.deepcopy(value)
 
 
@@ -188,51 +201,81 @@ def _check_combinations(recipe: dict) -> None:
     train, schedule, data, optim = recipe["train"], recipe["schedule"], recipe["data"], recipe["optim"]
     micro = train["micro_batch_size"]
     if isinstance(micro, str) and micro != "auto" or isinstance(micro, int) and micro <= 0:
-        raise UserError(f'train.micro_batch_size: expected a positive integer or "auto", got {json.dumps(micro)}')
+        raise RecipeError("train.micro_batch_size", f'expected a positive integer or "auto", got {json.dumps(micro)}')
     if micro != "auto" and train["global_batch_size"] % micro:
-        raise UserError(
-            f"train.global_batch_size: {train['global_batch_size']} is not a multiple of "
-            f"train.micro_batch_size {train['micro_batch_size']}"
+        raise RecipeError(
+            "train.global_batch_size",
+            f"{train['global_batch_size']} is not a multiple of train.micro_batch_size {train['micro_batch_size']}",
         )
     if not 0 <= schedule["warmup_steps"] < schedule["total_steps"]:
-        raise UserError(f"schedule.warmup_steps: must be in [0, total_steps), got {schedule['warmup_steps']}")
+        raise RecipeError("schedule.warmup_steps", f"must be in [0, total_steps), got {schedule['warmup_steps']}")
     if schedule["linear_end"] < 0:
-        raise UserError(f"schedule.linear_end: must be 0 or more, got {schedule['linear_end']}")
+        raise RecipeError("schedule.linear_end", f"must be 0 or more, got {schedule['linear_end']}")
     if data["train_split"] is None:
-        raise UserError("data.train_split: a training run needs a training split")
+        raise RecipeError("data.train_split", "a training run needs a training split")
     if data["num_workers"] < 0:
-        raise UserError(f"data.num_workers: must be 0 or more, got {data['num_workers']}")
+        raise RecipeError("data.num_workers", f"must be 0 or more, got {data['num_workers']}")
     names = data["class_names"]
     if names is not None and (
         len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) < len(names)
     ):
-        raise UserError(f"data.class_names: expected two or more distinct, non-empty names, got {json.dumps(names)}")
+        raise RecipeError(
+            "data.class_names", f"expected two or more distinct, non-empty names, got {json.dumps(names)}"
+        )
     if data["streaming"]:
         _check_streaming(data)
     if recipe["hub"]["push"] and not recipe["hub"]["model_id"]:
-        raise UserError("hub.model_id: hub.push is true, so a model id (user/name) is needed")
+        raise RecipeError("hub.model_id", "hub.push is true, so a model id (user/name) is needed")
     if optim["max_grad_norm"] is not None and optim["max_grad_norm"] <= 0:
-        raise UserError(f"optim.max_grad_norm: must be positive or null, got {optim['max_grad_norm']}")
+        raise RecipeError("optim.max_grad_norm", f"must be positive or null, got {optim['max_grad_norm']}")
     if len(optim["betas"]) != 2 or not all(0 <= b < 1 for b in optim["betas"]):
-        raise UserError(f"optim.betas: expected two numbers in [0, 1), got {optim['betas']}")
+        raise RecipeError("optim.betas", f"expected two numbers in [0, 1), got {optim['betas']}")
     if optim["momentum_dtype"] != "float32" and optim["name"] != "sgd":
-        raise UserError(f"optim.momentum_dtype: bfloat16 is for SGD only, optim.name is {optim['name']}")
+        raise RecipeError("optim.momentum_dtype", f"bfloat16 is for SGD only, optim.name is {optim['name']}")
     if not 0 <= train["label_smoothing"] < 1:
-        raise UserError(f"train.label_smoothing: must be in [0, 1), got {train['label_smoothing']}")
+        raise RecipeError("train.label_smoothing", f"must be in [0, 1), got {train['label_smoothing']}")
     if not 0 <= recipe["model"]["drop_path"] < 1:
-        raise UserError(f"model.drop_path: must be in [0, 1), got {recipe['model']['drop_path']}")
+        raise RecipeError("model.drop_path", f"must be in [0, 1), got {recipe['model']['drop_path']}")
     if recipe["model"]["lora"] is not None:
         recipe["model"]["lora"] = _check_lora(recipe["model"])
     _check_trackers(train["report_to"])
     if optim["layer_decay"] is not None and not 0 < optim["layer_decay"] <= 1:
-        raise UserError(f"optim.layer_decay: must be in (0, 1] or null, got {optim['layer_decay']}")
+        raise RecipeError("optim.layer_decay", f"must be in (0, 1] or null, got {optim['layer_decay']}")
     if train["ema_decay"] is not None and not 0 < train["ema_decay"] < 1:
-        raise UserError(f"train.ema_decay: must be in (0, 1) or null, got {train['ema_decay']}")
+        raise RecipeError("train.ema_decay", f"must be in (0, 1) or null, got {train['ema_decay']}")
     if data["augment"] is not None:
         _check_augment(data["augment"])
-    patch = recipe["model"]["config"].get("patch_size")
-    if recipe["model"]["pretrained"] is None and patch and recipe["model"]["image_size"] % patch:
-        raise UserError(f"model.image_size: {recipe['model']['image_size']} is not divisible by the patch {patch}")
+    _check_model(recipe["model"])
+
+
+def _check_model(model: dict) -> None:
+    """What the recipe alone says about the model: the patch must tile the image, and a pretrained checkpoint fixes
+    the architecture (model.config may set its dropouts only)."""
+    pretrained, config = model["pretrained"], model["config"]
+    if pretrained is not None:
+        for name in config:
+            if name not in PRETRAINED_CONFIG_FIELDS:
+                raise RecipeError(
+                    f"model.config.{name}",
+                    f"fixed by the pretrained checkpoint {pretrained!r}; with model.pretrained, model.config may "
+                    f"set only {', '.join(PRETRAINED_CONFIG_FIELDS)} (or set model.pretrained to null)",
+                )
+        if "hidden_dropout_prob" in config and model["dropout"]:
+            raise RecipeError("model.config.hidden_dropout_prob", "model.dropout sets the same rate: set only one")
+    for name in PRETRAINED_CONFIG_FIELDS:
+        rate = config.get(name, 0.0)
+        if not isinstance(rate, NUMBER) or isinstance(rate, bool) or not 0 <= rate < 1:
+            raise RecipeError(f"model.config.{name}", f"expected a number in [0, 1), got {json.dumps(rate)}")
+    patch = config.get("patch_size") if pretrained is None else catalog_patch_size(pretrained)
+    if patch and model["image_size"] % patch:
+        raise RecipeError("model.image_size", f"{model['image_size']} is not divisible by the patch size {patch}")
+
+
+def catalog_patch_size(name: str) -> int | None:
+    """The patch size a catalog name states (ViT-B_16: 16, augreg/S_32: 32, R50+ViT-B_16: 16); None for a file,
+    URL, folder or Hub id, whose patch is known only once loaded."""
+    match = re.fullmatch(r"(?:[\w-]+/)?(?:R50\+)?(?:ViT-)?(?:Ti|S|B|L|H)_(\d+)(?:-\d+)?", name)
+    return int(match.group(1)) if match else None
 
 
 def _check_augment(augment: dict) -> None:
@@ -241,26 +284,28 @@ def _check_augment(augment: dict) -> None:
     if scale is not None and not (
         len(scale) == 2 and all(isinstance(s, NUMBER) for s in scale) and 0 < scale[0] <= scale[1] <= 1
     ):
-        raise UserError(f"data.augment.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {scale}")
+        raise RecipeError("data.augment.crop_scale", f"expected [min, max] with 0 < min <= max <= 1, got {scale}")
     if augment["rand_augment"] is not None and augment["trivial_augment"]:
-        raise UserError("data.augment.trivial_augment: choose RandAugment or TrivialAugment, not both")
+        raise RecipeError("data.augment.trivial_augment", "choose RandAugment or TrivialAugment, not both")
     rand = augment["rand_augment"]
     if rand is not None and (set(rand) - {"num_ops", "magnitude"}):
-        raise UserError(f"data.augment.rand_augment: unknown field {sorted(set(rand) - {'num_ops', 'magnitude'})[0]}")
+        raise RecipeError(
+            "data.augment.rand_augment", f"unknown field {sorted(set(rand) - {'num_ops', 'magnitude'})[0]}"
+        )
     for key in ("random_erasing", "mix_prob", "switch_prob"):
         if not 0 <= augment[key] <= 1:
-            raise UserError(f"data.augment.{key}: must be in [0, 1], got {augment[key]}")
+            raise RecipeError(f"data.augment.{key}", f"must be in [0, 1], got {augment[key]}")
     for key in ("mixup_alpha", "cutmix_alpha"):
         if augment[key] < 0:
-            raise UserError(f"data.augment.{key}: must be 0 (off) or positive, got {augment[key]}")
+            raise RecipeError(f"data.augment.{key}", f"must be 0 (off) or positive, got {augment[key]}")
 
 
 def _check_streaming(data: dict) -> None:
     """A streamed data set has no length: its splits are names or absolute rows, and no class can be counted."""
-    from vit_hf.data.streaming import parse_split
+    from vit_hf.data.splits import parse_split
 
     if data["examples_per_class"] is not None:
-        raise UserError("data.examples_per_class: drawing rows of each class needs the whole split, not a stream")
+        raise RecipeError("data.examples_per_class", "drawing rows of each class needs the whole split, not a stream")
     for field in SPLIT_FIELDS.values():
         if data[field] is not None:
             parse_split(data[field], f"data.{field}")
@@ -270,17 +315,17 @@ def _check_lora(model: dict) -> dict:
     """The `model.lora` section checked and completed with its defaults."""
     lora = _resolve(model["lora"], LORA, "model.lora")
     if model["pretrained"] is None:
-        raise UserError("model.lora: adapters fine-tune a pretrained model, and model.pretrained is null")
+        raise RecipeError("model.lora", "adapters fine-tune a pretrained model, and model.pretrained is null")
     if not 0 <= lora["dropout"] < 1:
-        raise UserError(f"model.lora.dropout: must be in [0, 1), got {lora['dropout']}")
+        raise RecipeError("model.lora.dropout", f"must be in [0, 1), got {lora['dropout']}")
     targets = lora["target_modules"]
     if not targets:
-        raise UserError(f"model.lora.target_modules: name at least one of {', '.join(LORA_TARGETS)}")
+        raise RecipeError("model.lora.target_modules", f"name at least one of {', '.join(LORA_TARGETS)}")
     for name in targets:
         if name not in LORA_TARGETS:
-            raise UserError(
-                f"model.lora.target_modules: {json.dumps(name)} is not a Linear layer of transformers' ViTLayer "
-                f"({', '.join(LORA_TARGETS)})"
+            raise RecipeError(
+                "model.lora.target_modules",
+                f"{json.dumps(name)} is not a Linear layer of transformers' ViTLayer ({', '.join(LORA_TARGETS)})",
             )
     return lora
 
@@ -291,7 +336,9 @@ def _check_trackers(report_to: list) -> None:
     known = [kind.value for kind in LoggerType if kind.value != "all"]
     for name in report_to:
         if name not in known:
-            raise UserError(f"train.report_to: {json.dumps(name)} is not a tracker Accelerate has ({', '.join(known)})")
+            raise RecipeError(
+                "train.report_to", f"{json.dumps(name)} is not a tracker Accelerate has ({', '.join(known)})"
+            )
 
 
 def apply_override(recipe: dict, assignment: str) -> None:
@@ -333,8 +380,23 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         raise UserError(f"{path}: not valid JSON ({error})") from None
     try:
         return resolve_recipe(raw, overrides)
+    except RecipeError as error:
+        raise UserError(f"{_blamed(error, overrides, path)}: {error}") from None
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
+
+
+def _blamed(error: RecipeError, overrides: list[str], path: Path) -> str:
+    """Who gave the bad value: the last `--set` of the field (or of a section above it), else the last `--set` of a
+    field the error names (a combination of two), else the recipe file."""
+    keys = [assignment.split("=", 1)[0] for assignment in overrides]
+    for key, assignment in reversed(list(zip(keys, overrides, strict=True))):
+        if error.field == key or error.field.startswith(key + "."):
+            return f"--set {assignment}"
+    for key, assignment in reversed(list(zip(keys, overrides, strict=True))):
+        if re.search(rf"\b{re.escape(key)}\b", str(error)):
+            return f"--set {assignment}"
+    return str(path)
 
 
 def accumulation_steps(recipe: dict, num_processes: int) -> int:
@@ -342,8 +404,9 @@ def accumulation_steps(recipe: dict, num_processes: int) -> int:
     train = recipe["train"]
     per_step = train["micro_batch_size"] * num_processes
     if train["global_batch_size"] % per_step:
-        raise UserError(
-            f"train.global_batch_size: {train['global_batch_size']} is not divisible by micro_batch_size "
-            f"{train['micro_batch_size']} x {num_processes} processes"
+        raise RecipeError(
+            "train.global_batch_size",
+            f"{train['global_batch_size']} is not divisible by micro_batch_size "
+            f"{train['micro_batch_size']} x {num_processes} processes",
         )
     return train["global_batch_size"] // per_step

@@ -71,3 +71,19 @@ def test_an_unreachable_hub_id_says_how_to_point_at_local_files():
     message = str(error.value)
     assert "model.pretrained" in message and "someone/not-cached-vit" in message and "local" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("from_folder", [False, True], ids=["npz", "folder"])
+def test_model_config_sets_the_dropout_rates_of_a_pretrained_model(jax_reference_dir, tmp_path, from_folder):
+    source = str(jax_reference_dir / "tiny_token.npz")
+    if from_folder:
+        model, _ = load_npz(source, num_labels=10)
+        save_model_dir(model, tmp_path / "folder")
+        source = str(tmp_path / "folder")
+    config = {"attention_probs_dropout_prob": 0.3, "hidden_dropout_prob": 0.2}
+    model = build_model(_section(source, config=config), CLASSES)
+    attention = [m for m in model.modules() if type(m).__name__ == "ViTAttention"]
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(attention) == model.config.num_hidden_layers and dropouts
+    assert {m.attention_dropout for m in attention} == {0.3} and {m.p for m in dropouts} == {0.2}
+    assert (model.config.attention_probs_dropout_prob, model.config.hidden_dropout_prob) == (0.3, 0.2)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from transformers import ViTConfig, ViTForImageClassification
+from transformers.models.vit.modeling_vit import ViTAttention
 
 from vit_hf.models.conversion import (
     OFFICIAL_GELU,
@@ -31,6 +32,8 @@ def build_model(model: dict, class_names: list[str]) -> ViTForImageClassificatio
     labels = label_maps(class_names)
     dropout = {"hidden_dropout_prob": float(model["dropout"])}
     source, image_size = model["pretrained"], model["image_size"]
+    if source is not None:  # beside a checkpoint, the recipe lets model.config set dropout rates only
+        dropout |= model["config"]
     if source is None:
         fields = {**VIT_BASE, "hidden_act": OFFICIAL_GELU, "layer_norm_eps": OFFICIAL_LAYER_NORM_EPS}
         fields |= model["config"] | dropout | labels
@@ -42,7 +45,9 @@ def build_model(model: dict, class_names: list[str]) -> ViTForImageClassificatio
             raise UserError("model.config: image_size must divide by patch_size and hidden_size by the heads")
         return ViTForImageClassification(config)
     if is_official_checkpoint(source):
-        converted, _ = load_npz(source, image_size=image_size, labels=class_names, config_overrides=dropout)
+        converted, _ = load_npz(
+            source, image_size=image_size, labels=class_names, config_overrides=dropout, size_field="model.image_size"
+        )
         return converted
     return _from_transformers(source, image_size, class_names, labels | dropout)
 
@@ -75,7 +80,9 @@ def _from_transformers(source: str, image_size: int, class_names: list[str], ove
         embeddings.image_size = embeddings.patch_embeddings.image_size = (image_size, image_size)
         config.image_size = image_size
     config.update(overrides)
-    for module in model.modules():  # dropout modules were built from the loaded config
+    for module in model.modules():  # the modules were built from the loaded config: give them the new rates
         if isinstance(module, torch.nn.Dropout):
             module.p = config.hidden_dropout_prob
+        if isinstance(module, ViTAttention):
+            module.attention_dropout = config.attention_probs_dropout_prob
     return model

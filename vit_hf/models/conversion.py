@@ -1,8 +1,4 @@
-"""Official ViT `.npz` checkpoints <-> transformers' `ViTForImageClassification`, exactly.
-
-    python -m vit_hf.convert ViT-B_16 out/vit-b16-cifar10 --image-size 224 --labels airplane,automobile,...
-    python -m vit_hf.convert imagenet21k+imagenet2012/ViT-B_16 out/vit-b16-in1k --keep-head
-    python -m vit_hf.convert --to-npz out/my-finetuned-model my-finetuned-model.npz
+"""Official ViT `.npz` checkpoints <-> transformers' `ViTForImageClassification`, exactly (`python -m vit_hf.convert`).
 
 The architecture is read from the tensors' shapes. Two facts of the official Flax model are carried in the
 saved config so that `from_pretrained` gives the official numbers: LayerNorm epsilon 1e-6 and the tanh
@@ -250,13 +246,14 @@ def load_npz(
     labels: list[str] | None = None,
     keep_head: bool = False,
     config_overrides: dict | None = None,
+    size_field: str = "--image-size",
 ) -> tuple[ViTForImageClassification, ConversionReport]:
     """A ViTForImageClassification from an official checkpoint (path, URL or catalog name).
 
     With keep_head the file's head and classes are kept; otherwise pre_logits and the head are dropped and a new
     zero-initialised head for `labels` (or `num_labels`) is attached, as the official fine-tuning loader does.
     `image_size` resamples the position embeddings once, here. `config_overrides` sets other ViTConfig fields
-    (dropout, say).
+    (dropout, say). SIZE_FIELD names where the image size came from in an error (a flag, a recipe field).
     """
     path = str(resolve_checkpoint(source))
     params = read_npz(path)
@@ -273,7 +270,7 @@ def load_npz(
 
     if image_size is not None and image_size != config.image_size:
         if image_size % config.patch_size:
-            raise UserError(f"--image-size {image_size} is not divisible by the patch size {config.patch_size}")
+            raise UserError(f"{size_field}: {image_size} is not divisible by the patch size {config.patch_size}")
         key = "vit.embeddings.position_embeddings"
         state[key] = resize_position_embeddings(state[key], image_size // config.patch_size)
         config.image_size = image_size
@@ -336,7 +333,3 @@ def save_npz(model: ViTForImageClassification, path: str | os.PathLike) -> Path:
     with atomic_file(path) as staging, open(staging, "wb") as file:
         np.savez(file, **model_to_npz_params(model))
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
