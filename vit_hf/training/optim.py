@@ -42,18 +42,19 @@ def parameter_groups(
 
 
 class BFloat16MomentumSGD(torch.optim.Optimizer):
-    """SGD whose momentum buffers are stored in bfloat16, with the arithmetic of `optax.trace`.
+    """SGD whose momentum buffers are stored in bfloat16, with the arithmetic of the official jitted training step.
 
-    optax (`optax.sgd(..., accumulator_dtype='bfloat16')`, the `vit_jax` default) computes, per step:
+    `vit_jax` trains with `optax.sgd(..., accumulator_dtype='bfloat16')` under `jax.jit`, which computes, per step:
 
         d     = grad + weight_decay * param                  (torch.optim.SGD's weight decay; optax has none)
-        new   = d + float32(bf16(momentum) * buffer)         the product in bfloat16, as JAX multiplies a bf16 array
+        new   = d + float32(bf16(momentum)) * buffer          in float32: XLA keeps the product's excess precision
         step  = d + momentum * new  if nesterov else new     float32: the update uses the unrounded trace
         param = param + (-lr) * step
         buffer = bf16(new)                                    rounded only for storage
 
-    This is the JAX program's arithmetic, bit for bit with optax run op by op; under `jax.jit` XLA's default excess
-    precision may skip the rounding of the product (it does on a CPU), which this does not imitate.
+    The momentum itself is rounded to bfloat16 once (0.9 -> 0.8984375), as JAX casts a Python float that multiplies
+    a bfloat16 array; the product of that and a bfloat16 buffer is exact in float32. (optax run op by op, without
+    `jit`, would round the product to bfloat16 too: that is not the official step.)
 
     The step overwrites the gradients, its scratch space (the loop frees them right after): a float32 temporary the
     size of the model would cost more memory than the bfloat16 momentum saves.
@@ -79,16 +80,14 @@ class BFloat16MomentumSGD(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             if group["weight_decay"]:
                 torch._foreach_add_(grads, params, alpha=group["weight_decay"])
-            # JAX rounds the Python float to bfloat16 before multiplying (0.9 -> 0.8984375); torch's ops do not all do
-            # so, hence the explicit cast. The product of two bfloat16 is exact in float32: its rounding is JAX's.
-            torch._foreach_mul_(buffers, torch.tensor(group["momentum"], dtype=torch.bfloat16).item())
+            momentum = torch.tensor(group["momentum"], dtype=torch.bfloat16).item()  # bf16(momentum), exactly
             if group["nesterov"]:  # needs the gradient and the new trace at once: one temporary
-                traces = torch._foreach_add(grads, buffers)  # float32 + bfloat16 -> float32, exactly
+                traces = torch._foreach_add(grads, buffers, alpha=momentum)  # float32, the product exact
                 torch._foreach_copy_(buffers, traces)  # stored rounded to nearest even, as a JAX cast
                 torch._foreach_mul_(traces, group["momentum"])
                 torch._foreach_add_(grads, traces)
             else:
-                torch._foreach_add_(grads, buffers)
+                torch._foreach_add_(grads, buffers, alpha=momentum)
                 torch._foreach_copy_(buffers, grads)
             torch._foreach_mul_(grads, -group["lr"])
             torch._foreach_add_(params, grads)
