@@ -115,3 +115,15 @@ def test_catalog_names_map_to_the_official_bucket(monkeypatch, tmp_path):
         "https://storage.googleapis.com/vit_models/imagenet21k+imagenet2012/ViT-B_16.npz",
         "https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
     ]
+
+
+@pytest.mark.parametrize(
+    "path", ["/vit_models/../../escape.npz", "/a/%2e%2e/%2E%2E/%2e%2e/escape.npz", "/./x.npz", "/"]
+)
+def test_a_url_whose_path_would_leave_the_cache_is_refused_before_any_request(server, tmp_path, path):
+    url, handler = server
+    handler.files[path] = _checkpoint_bytes(tmp_path)
+    with pytest.raises(UserError, match="not a checkpoint URL"):
+        dl.download(f"{url}{path}", tmp_path / "cache" / "deep")
+    assert handler.requests == [] and not (tmp_path / "escape.npz").exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.npz"))

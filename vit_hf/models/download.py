@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from filelock import FileLock
 from tqdm.auto import tqdm
@@ -71,13 +71,25 @@ def resolve_checkpoint(source: str | os.PathLike, cache: Path | None = None) -> 
     return path
 
 
+def cached_path(url: str, cache: Path) -> Path:
+    """Where URL is kept in CACHE: host/path. A URL whose path would leave the cache (`..` segments, encoded or
+    not) is refused: the cache is no place for a server to write anywhere else."""
+    parsed = urlparse(url)
+    parts = [part for part in unquote(parsed.path).split("/") if part]
+    if not parsed.netloc or not parts or any(part in (".", "..") for part in parts):
+        raise UserError(f"{url}: not a checkpoint URL (it needs a host and a file path without '.' or '..' segments)")
+    target = cache.joinpath(parsed.netloc.replace(":", "_"), *parts)
+    if not target.resolve().is_relative_to(cache.resolve()):
+        raise UserError(f"{url}: its file would leave the checkpoint cache {cache}")
+    return target
+
+
 def download(url: str, cache: Path) -> Path:
     """Download URL into CACHE once, resuming a partial file, and check that it is a complete zip (npz).
 
     The processes of a machine share its cache: one downloads under a file lock while the others wait for it.
     """
-    parsed = urlparse(url)
-    target = cache / parsed.netloc.replace(":", "_") / parsed.path.lstrip("/")
+    target = cached_path(url, cache)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
