@@ -18,6 +18,7 @@ import argparse
 
 from vit_hf.recipe import load_recipe
 from vit_hf.training.loop import run
+from vit_hf.training.remote_inputs import check_remote_inputs
 from vit_hf.utils.errors import cli_entry
 
 
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a field")
     parser.add_argument("--resume", help="'auto' (the latest checkpoint in output.dir) or a checkpoint folder")
     args = parser.parse_args(argv)
-    run(load_recipe(args.recipe, args.set), resume=args.resume)
+    recipe = load_recipe(args.recipe, args.set)
+    check_remote_inputs(recipe)  # offline, every missing input in one line before any is loaded
+    run(recipe, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -352,10 +352,11 @@ def apply_override(recipe: dict, assignment: str) -> None:
         value = raw
     keys = dotted.split(".")
     node = recipe
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise UserError(f"--set {dotted}: {key} is not an object")
+            above = ".".join(keys[: depth + 1])
+            raise UserError(f"--set {assignment}: {above} is {json.dumps(node)}, not an object; set it whole")
     node[keys[-1]] = value
 
 
@@ -371,15 +372,17 @@ def resolve_recipe(raw: dict, overrides: list[str] = ()) -> dict:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     """Read, override, complete and check the recipe at PATH."""
-    path = Path(path)
+    path, overrides = Path(path), list(overrides)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: no such recipe file") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{path}: not valid JSON ({error})") from None
+    for assignment in overrides:  # before the try: an error here names the --set, not the file
+        apply_override(raw, assignment)
     try:
-        return resolve_recipe(raw, overrides)
+        return resolve_recipe(raw)
     except RecipeError as error:
         raise UserError(f"{_blamed(error, overrides, path)}: {error}") from None
     except UserError as error:
