@@ -214,10 +214,24 @@ def _misshaped_key(tmp_path):
     return write_checkpoint(tmp_path / "misshaped.npz", params)
 
 
+def _text_renamed(tmp_path):
+    path = tmp_path / "notes.npz"
+    path.write_text("these are my notes, not weights\n")
+    return path
+
+
+def _object_array(tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, w=np.array([{"code": "runs at load"}], dtype=object))
+    return path
+
+
 BAD_CHECKPOINTS = {
     "missing file": (lambda tmp_path: tmp_path / "nowhere.npz", "no such file"),
     "truncated download": (_truncated, "not a readable .npz"),
     "not a zip": (_not_a_zip, "not a readable .npz"),
+    "text file renamed .npz": (_text_renamed, "not a zip archive"),
+    "pickled object array": (_object_array, "holds a pickled (object) array, which is never loaded"),
     "npz of something else": (_something_else, "not an official ViT checkpoint"),
     "missing key": (_missing_key, "missing tensor Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"),
     "misshaped key": (_misshaped_key, "LayerNorm_2/scale has shape (65,), expected (64,)"),
@@ -233,7 +247,7 @@ def test_bad_checkpoint_gives_one_line_error_exit_2_and_no_output(case, tmp_path
     assert _convert(source, tmp_path / "out", "--num-labels", 10) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(source) in err and words in err
-    assert len(err.splitlines()) == 1
+    assert len(err.splitlines()) == 1 and "allow_pickle" not in err
     assert not (tmp_path / "out").exists()
 
 

@@ -47,12 +47,22 @@ class ConversionReport:
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All arrays of an official checkpoint, with the release prefixes stripped."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    # numpy would take any other file for a pickle and advise allow_pickle: never load one (it can run code).
+    if not zipfile.is_zipfile(path):
+        raise UserError(
+            f"{path}: not a readable .npz checkpoint (not a zip archive, as an .npz is); a broken download?"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             params = {key: npz[key] for key in npz.files}
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise UserError(f"{path}: not a readable .npz checkpoint ({error})") from None
+        raise UserError(f"{path}: holds a pickled (object) array, which is never loaded; a checkpoint holds plain "
+                        "arrays") from None  # fmt: skip
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
         raise UserError(f"{path}: not a readable .npz checkpoint ({error}); a broken download?") from None
     if not params:
         raise UserError(f"{path}: the .npz holds no arrays")
