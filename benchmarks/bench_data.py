@@ -10,11 +10,12 @@ Both pipelines read the same images with the same DataLoader settings and end wi
   dependency of this project).
 Both see a photo upright by its EXIF orientation (the example through datasets' decode, which applies it).
 
-    python -m vit_hf.bench_data --num-workers 2        # the train split of the Hub's uoft-cs/cifar10
-    python -m vit_hf.bench_data --dataset '{"path": "parquet", "data_files": {"train": "cifar10/train.parquet"}}'
-    python -m vit_hf.bench_data --photos ~/Pictures --num-workers 1 --batch-size 64 --batches 20
-    python -m vit_hf.bench_data --make-photos 2000 --num-workers 1 --batch-size 64 --batches 20
-    python -m vit_hf.bench_data --make-photos 2000 --num-workers 1 --batch-size 64 --batches 20 --jpeg-decoder pillow
+    python benchmarks/bench_data.py --num-workers 2        # the train split of the Hub's uoft-cs/cifar10
+    python benchmarks/bench_data.py --dataset '{"path": "parquet", "data_files": {"train": "cifar10/train.parquet"}}'
+    python benchmarks/bench_data.py --photos ~/Pictures --num-workers 1 --batch-size 64 --batches 20
+    python benchmarks/bench_data.py --make-photos 2000 --num-workers 1 --batch-size 64 --batches 20
+    python benchmarks/bench_data.py --make-photos 2000 --num-workers 1 --batch-size 64 --batches 20 \
+        --jpeg-decoder pillow
 
 --dataset takes a short name (cifar10, cifar100) or the keyword arguments of datasets.load_dataset as JSON, as
 validate's does; its train split is read. --photos DIR reads every image file under DIR (class folders or not);
@@ -22,10 +23,10 @@ validate's does; its train split is read. --photos DIR reads every image file un
 widths and heights drawn in 300-640 px (--photo-sides), so at mixed aspect ratios, quality 90.
 
 Prints one JSON line per pipeline (images/s, and per worker), then a Markdown table with the ratio. On a CPU device,
-page faults on each fresh 77 MB float batch cost as much as the resize: glibc is told to reuse freed blocks (both
-pipelines). THP_MEM_ALLOC_ENABLE=1 in the environment gives PyTorch huge pages for large CPU tensors, which helps the
-example more; torch reads it when it starts, so set it on the command line. With --num-workers 0 --threads 1, each
-pipeline does all its work on one core: the ratio of CPU costs.
+each fresh float batch (77 MB at 224 px and batch 128) would page-fault anew: glibc is told to reuse freed blocks (both
+pipelines). THP_MEM_ALLOC_ENABLE=1 in the environment gives PyTorch huge pages for large CPU tensors; torch reads it
+when it starts, so set it on the command line. With --num-workers 0 --threads 1, each pipeline does all its work on
+one core: the ratio of CPU costs.
 """
 
 import argparse
@@ -45,9 +46,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from trainer_baseline import collate, train_transform
 
-from vit_hf.data import sources as data_module
-from vit_hf.data.sources import DeviceTransform, load_splits, make_loader
-from vit_hf.predict import image_paths
+from vit_hf.data import photos as data_module
+from vit_hf.data.images import image_paths
+from vit_hf.data.loader import make_loader
+from vit_hf.data.sources import load_splits
+from vit_hf.data.transforms import DeviceTransform
 from vit_hf.utils.errors import UserError, cli_entry
 from vit_hf.validate import parse_dataset
 
@@ -99,9 +102,9 @@ def images_per_second(
 def _reuse_freed_memory() -> None:
     """Have glibc keep freed large blocks for reuse instead of returning them to the kernel (CPU only).
 
-    A training batch at 224 px is a fresh 77 MB tensor each step; by default glibc maps it anew and the first touch
-    of every page faults, which costs a CPU as much as the resize itself. A GPU's caching allocator needs no such
-    help. Both pipelines, and the workers forked later, run under this setting.
+    A training batch at 224 px is a fresh tensor of tens of MB each step; by default glibc maps it anew and the first
+    touch of every page faults, work that is no part of either pipeline. A GPU's caching allocator needs no such help.
+    Both pipelines, and the workers forked later, run under this setting.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -152,7 +155,7 @@ def bench_images(args: argparse.Namespace, folder: Path) -> tuple[datasets.Datas
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vit_hf.bench_data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/bench_data.py", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--dataset", default="cifar10", help='a short name (default cifar10) or a JSON object: {"path": ...}'
     )
@@ -214,7 +217,7 @@ def time_pipelines(dataset: datasets.Dataset, image_column: str, label_column: s
     if device.type == "cpu":
         _reuse_freed_memory()
         # The transform shares the CPU with the decode workers: with more threads than free cores, OpenMP threads
-        # wait on each other whenever a worker runs (on 2 cores with 2 workers, 3x slower than one thread).
+        # wait on each other whenever a worker runs.
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - args.num_workers))
     transform = DeviceTransform(args.image_size, train=True, crop_scale=CROP_SCALE)
     generator = torch.Generator(device).manual_seed(0)

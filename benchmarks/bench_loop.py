@@ -1,25 +1,26 @@
 """Training speed of the fine-tuning loop: images/s, MFU, input-pipeline images/s and peak memory, against the Trainer.
 
-    python -m vit_hf.bench --model tiny --image-size 32 --micro-batch 64 --compare-trainer
-    python -m vit_hf.bench --model ViT-B_16 --layers 2 --image-size 224 --micro-batch 16 --compare-trainer
-    python -m vit_hf.bench --model ViT-B_16 --image-size 224 --micro-batch 256 --precision bf16 --compile \
+    python benchmarks/bench_loop.py --model tiny --image-size 32 --micro-batch 64 --compare-trainer
+    python benchmarks/bench_loop.py --model ViT-B_16 --layers 2 --image-size 224 --micro-batch 16 --compare-trainer
+    python benchmarks/bench_loop.py --model ViT-B_16 --image-size 224 --micro-batch 256 --precision bf16 --compile \
         --compare-trainer --steps 30
-    python -m vit_hf.bench --recipe recipes/cifar10.json --set train.micro_batch_size=128
-    python -m vit_hf.bench --model ViT-B_16 --layers 2 --image-size 224 --micro-batch 16 --momentum-dtype bfloat16 \
-        --gradient-checkpointing
-    python -m vit_hf.bench --whole-process --model ViT-B_16 --layers 1 --image-size 224 --micro-batch 16 --steps 20
+    python benchmarks/bench_loop.py --recipe recipes/cifar10.json --set train.micro_batch_size=128
+    python benchmarks/bench_loop.py --model ViT-B_16 --layers 2 --image-size 224 --micro-batch 16 \
+        --momentum-dtype bfloat16 --gradient-checkpointing
+    python benchmarks/bench_loop.py --whole-process --model ViT-B_16 --layers 1 --image-size 224 --micro-batch 16 \
+        --steps 20
 
-The loop is measured by running `vit_hf.finetune.run` itself (eval and test off) and timing the updates after warm-up
-from its own logs, so the figure is the loop's real speed. `--compare-trainer` trains the same model, data, batch,
-optimizer and precision with `transformers.Trainer`, fed as the transformers image-classification example feeds it:
-per-image random resized crop and flip in PIL in the workers (`vit_hf.bench_data.example_loader`), whatever else the
+The loop is timed by running the training loop's `run` itself (eval and test off) and timing the updates after
+warm-up from its own logs, so the figure is the loop's real speed. `--compare-trainer` trains the same model, data,
+batch, optimizer and precision with `transformers.Trainer`, fed as the transformers image-classification example feeds
+it: per-image random resized crop and flip in PIL in the workers (`bench_data.example_loader`), whatever else the
 recipe's augment asks for. Each case runs in a fresh process, so peak memory (CUDA's peak allocation, or on a CPU the
 process's peak RSS) and compile caches are its own. Without `--recipe` the data is the Hub's CIFAR-10 (or
 `--set data.dataset=...`, or `--dataset` a local parquet) and the model a from-scratch ViT. Prints one JSON line a
 case, then a Markdown table.
 
 `--whole-process` times whole processes from launch to exit instead: `python -m vit_hf.finetune RECIPE` against
-`python -m vit_hf.bench_trainer RECIPE` (the same run done with `transformers.Trainer`), `--repeats` times each,
+`python benchmarks/trainer_baseline.py RECIPE` (the same run done with `transformers.Trainer`), `--repeats` times each,
 interleaved so that other load on the machine falls on both; `--steps` updates, no minival, the test split scored
 and the model saved at the end, on `--dataset` or random CIFAR-shaped images. Prints a JSON line a run (wall time and
 each side's startup, training and finish seconds), then the medians and the ratio of the Trainer's time to ours.
@@ -46,7 +47,8 @@ from bench_data import example_loader, images_per_second
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig
 
 from vit_hf.data.inputs import TrainInputs
-from vit_hf.data.sources import load_splits, make_loader
+from vit_hf.data.loader import make_loader
+from vit_hf.data.sources import load_splits
 from vit_hf.models.build import VIT_BASE, build_model
 from vit_hf.recipe import load_recipe, resolve_recipe
 from vit_hf.training.loop import run
@@ -349,26 +351,31 @@ def whole_process_recipe(args: argparse.Namespace, dataset: dict, has_test: bool
     return recipe
 
 
-# The command of each whole process, and the file its timings are read from (in output.dir).
-WHOLE = {LOOP: ("vit_hf.finetune", "results.json"), TRAINER: ("vit_hf.bench_trainer", "trainer_results.json")}
+# Each whole process: a short name for its files, its command's arguments before the recipe, and the file its timings
+# are read from (in output.dir). The Trainer's script is no module of the package: it is started by its path.
+WHOLE = {
+    LOOP: ("finetune", ["-m", "vit_hf.finetune"], "results.json"),
+    TRAINER: ("trainer_baseline", [str(Path(__file__).with_name("trainer_baseline.py"))], "trainer_results.json"),
+}
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
 SHAPE_KEYS += ("image_size", "hidden_act", "layer_norm_eps")
 
 
 def whole_process_run(name: str, recipe: dict, work: Path, repeat: int, env: dict) -> dict:
-    """One whole process of case NAME on RECIPE (python -m ... in ENV), timed from launch to exit; its breakdown."""
-    module, results_file = WHOLE[name]
-    out = work / f"{module}-{repeat}"
-    recipe_path = work / f"{module}-{repeat}.json"
+    """One whole process of case NAME on RECIPE (in ENV), timed from launch to exit; its breakdown."""
+    short, command, results_file = WHOLE[name]
+    stem = f"{short}-{repeat}"
+    out = work / stem
+    recipe_path = work / f"{stem}.json"
     recipe_path.write_text(json.dumps(resolve_recipe(recipe, [f"output.dir={out}"])))
-    log = work / f"{module}-{repeat}.log"
+    log = work / f"{stem}.log"
     with log.open("w") as output:
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", module, str(recipe_path)], stdout=output, stderr=output, env=env)
+        done = subprocess.run([sys.executable, *command, str(recipe_path)], stdout=output, stderr=output, env=env)
         wall = time.perf_counter() - started
     if done.returncode != 0:
         last = (log.read_text().strip().splitlines() or ["no output"])[-1]
-        raise RunError(f"python -m {module} exited with {done.returncode} (log {log}): {last}")
+        raise RunError(f"python {' '.join(command)} exited with {done.returncode} (log {log}): {last}")
     results = json.loads((out / results_file).read_text())
     config = json.loads((out / "config.json").read_text())
     train = results.get("train_seconds")
@@ -497,8 +504,8 @@ def _positive(text: str) -> int:
 
 
 @cli_entry
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vit_hf.bench", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> list[dict] | None:
+    parser = argparse.ArgumentParser(prog="benchmarks/bench_loop.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", help="a JSON recipe (default: the Hub's CIFAR-10, a from-scratch ViT-B/16)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a field")
     parser.add_argument("--model", choices=list(MODELS), help="a from-scratch model of this shape")
@@ -523,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     whole = parser.add_argument_group("whole processes, launch to exit, against transformers.Trainer")
     whole.add_argument(
         "--whole-process", action="store_true",
-        help="time `python -m vit_hf.finetune` and `python -m vit_hf.bench_trainer` on the same recipe, interleaved",
+        help="time `python -m vit_hf.finetune` and trainer_baseline.py on the same recipe, interleaved",
     )  # fmt: skip
     whole.add_argument("--repeats", type=_positive, default=3, help="runs of each (default 3)")
     whole.add_argument(

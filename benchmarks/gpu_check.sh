@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of one session with a lent GPU: under 8 minutes, no network, one JSON file and a table.
+# The GPU check of one session with a lent GPU: each step under a timeout of its own, no network, one JSON file and
+# a table.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default: $OUT, else gpu_check/)
 #
@@ -63,9 +64,9 @@ step() {  # name, timeout in seconds, command...
   tail -n 3 "$out/$name.err" >>"$out/log.txt"
 }
 
-step bench_b16 240 python -m vit_hf.bench "${b16[@]}" --compare-trainer --set "$data" --set data.train_split=train
+step bench_b16 240 python benchmarks/bench_loop.py "${b16[@]}" --compare-trainer --set "$data" --set data.train_split=train
 mapfile -t scratch_sets < <(sets "$data" "data.train_split=train")
-step bench_scratch 120 python -m vit_hf.bench --recipe recipes/cifar10_scratch.json "${scratch[@]}" "${scratch_sets[@]}"
+step bench_scratch 120 python benchmarks/bench_loop.py --recipe recipes/cifar10_scratch.json "${scratch[@]}" "${scratch_sets[@]}"
 mapfile -t fp16_sets < <(sets "${common[@]}" "${short[@]}" "train.mixed_precision=$fp16" "output.dir=$out/fp16")
 step fp16_run 120 python -m vit_hf.finetune recipes/cifar10_short.json "${fp16_sets[@]}"
 mapfile -t fsdp_sets < <(sets "${common[@]}" "${short[@]}" "output.dir=$out/fsdp")
@@ -75,7 +76,8 @@ step host_syncs 150 python - "$out" "$data" "$small" <<'PY'
 import json, sys, warnings
 import torch
 from tqdm import tqdm
-from vit_hf.finetune import FineTune, StopSignals
+from vit_hf.training.loop import FineTune
+from vit_hf.training.signals import StopSignals
 from vit_hf.recipe import load_recipe
 out, data, small = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 sets = [data, "data.train_split=train", "data.eval_split=null", "data.test_split=null", f"output.dir={out}/syncs",
@@ -83,7 +85,7 @@ sets = [data, "data.train_split=train", "data.eval_split=null", "data.test_split
 if small:
     sets += ["model.config.num_hidden_layers=1", "train.micro_batch_size=32", "train.global_batch_size=32"]
 job = FineTune(load_recipe("recipes/cifar10_scratch.json", sets))
-job.bar, job.stop = tqdm(disable=True), StopSignals()
+job.bar, job.stop = tqdm(disable=True), StopSignals(job.accelerator.num_processes)
 job.update()  # warm-up: first-time allocations
 cuda = torch.cuda.is_available()
 with warnings.catch_warnings(record=True) as caught:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from vit_hf.data import streaming
+from vit_hf.data import stream_loader, streaming
 from vit_hf.data.sources import load_splits
 from vit_hf.recipe import section_defaults
 
@@ -31,19 +31,19 @@ def classes_a_batch(root: Path, batch_size: int) -> tuple[int, list[int]]:
     data = section_defaults("data") | {"dataset": {"path": "imagefolder", "data_dir": str(root)}, "streaming": True,
                                        "train_split": "train", "eval_split": None, "test_split": None}  # fmt: skip
     splits = load_splits(data, streaming_ok=True)
-    loader = streaming.make_stream_loader(
+    loader = stream_loader.make_stream_loader(
         splits.train, splits.image_column, splits.label_column, len(splits.class_names), batch_size,
         shuffle=True, seed=0, num_workers=2, image_size=32,
     )  # fmt: skip
     return splits.train.num_shards, [len(set(batch["labels"].tolist())) for batch in loader]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="benchmarks/stream_class_mix.py", description=__doc__.split("\n")[0])
     parser.add_argument("--parquet", type=Path, required=True)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         write_folder(args.parquet, args.images, Path(folder))
         dealt = classes_a_batch(Path(folder), args.batch_size)

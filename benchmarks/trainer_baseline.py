@@ -1,23 +1,23 @@
-"""A recipe's whole run done with `transformers.Trainer`: the Trainer side of `python -m vit_hf.bench --whole-process`.
+"""A recipe's whole run done with `transformers.Trainer`: the Trainer side of `bench_loop.py --whole-process`.
 
-    python -m vit_hf.bench_trainer RECIPE.json
+    python benchmarks/trainer_baseline.py RECIPE.json
 
-It does the work of `python -m vit_hf.finetune RECIPE.json` the way the transformers image-classification example
-would: it loads the train and test splits of the recipe's data set with `datasets`, builds a from-scratch ViT of the
-recipe's shape, trains it for `schedule.total_steps` updates of the recipe's batch, precision, SGD (or AdamW),
-clipping and warmup-cosine schedule, fed by per-image PIL transforms in the workers (random resized crop and flip;
-resize for the test split), logs every `train.log_every` updates to the recipe's trackers, saves a checkpoint every
-`train.save_every` updates, scores the test split, and saves the model, its image processor and a model card into
-`output.dir`. It imports only what such a script would (no `vit_hf` module besides this one), so its startup is the
-Trainer's own. It writes `trainer_results.json` there: the test accuracy and where the time went (`startup_seconds`
-from launch to the start of training, `train_seconds`, `finish_seconds` from the end of training to the end).
+It does the work of `python -m vit_hf.finetune RECIPE.json` the way the transformers image-classification example would:
+it loads the train and test splits of the recipe's data set with `datasets`, builds a from-scratch ViT of the recipe's
+shape, trains it for `schedule.total_steps` updates of the recipe's batch, precision, SGD (or AdamW), clipping and
+warmup-cosine schedule, fed by per-image PIL transforms in the workers (random resized crop and flip; resize for the
+test split), logs every `train.log_every` updates to the recipe's trackers, saves a checkpoint every `train.save_every`
+updates, scores the test split, and saves the model, its image processor and a model card into `output.dir`. It imports
+only what such a script would (nothing of `vit_hf`), so its startup is the Trainer's own. It writes
+`trainer_results.json` there: the test accuracy and where the time went (`startup_seconds` from launch to the start of
+training, `train_seconds`, `finish_seconds` from the end of training to the end).
 """
 
+import argparse
 import functools
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from transformers import (
 )
 
 RESULTS = "trainer_results.json"
-# The from-scratch ViT of vit_hf.model.build_model: ViT-B/16's shape, the official GELU and layer-norm epsilon.
+# The from-scratch ViT of vit_hf's build_model: ViT-B/16's shape, the official GELU and layer-norm epsilon.
 BASE_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
 BASE_CONFIG |= {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
 
@@ -164,9 +164,11 @@ def training_arguments(recipe: dict, out: Path) -> TrainingArguments:
     )
 
 
-def main(recipe_path: str) -> dict:
-    """Train, test and save as RECIPE_PATH (a resolved recipe with a from-scratch model) says; the results."""
-    launched = time.perf_counter() - (time.time() - psutil.Process().create_time())
+def train(recipe_path: str, launched: float) -> dict:
+    """Train, test and save as RECIPE_PATH (a resolved recipe with a from-scratch model) says; the results.
+
+    LAUNCHED is the process's launch on the `time.perf_counter` clock, the start of `startup_seconds`.
+    """
     recipe = json.loads(Path(recipe_path).read_text())
     out, schedule, size = Path(recipe["output"]["dir"]), recipe["schedule"], recipe["model"]["image_size"]
     train_set, test_set, names, label_column = load_data(recipe)
@@ -205,7 +207,15 @@ def main(recipe_path: str) -> dict:
     return results
 
 
+def main(argv: list[str] | None = None) -> dict:
+    """Run the recipe named on the command line; print its results as one JSON line and return them."""
+    launched = time.perf_counter() - (time.time() - psutil.Process().create_time())
+    parser = argparse.ArgumentParser(prog="benchmarks/trainer_baseline.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="a resolved JSON recipe with a from-scratch model (as bench_loop.py writes)")
+    results = train(parser.parse_args(argv).recipe, launched)
+    print(json.dumps(results))
+    return results
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m vit_hf.bench_trainer RECIPE.json")
-    print(json.dumps(main(sys.argv[1])))
+    main()

@@ -1,4 +1,8 @@
-"""Shared test set-up: offline Hub access and the read-only material in ../shared."""
+"""Shared test set-up: offline Hub access and the read-only material in ../shared (or $VIT_HF_SHARED).
+
+Where ../shared is absent, the tests that need it skip; in CI (CI=true or CI=1) they fail instead, so that a CI run
+that lost the material says so rather than passing on half the suite.
+"""
 
 import os
 from pathlib import Path
@@ -16,8 +20,20 @@ CIFAR10_DIR = SHARED / "data" / "cifar10"
 JAX_REFERENCE_DIR = SHARED / "fixtures" / "vit_jax_reference"
 
 
+def in_ci() -> bool:
+    """Whether this is a CI run: the CI variable that CI services and .ci/run set, "true" or "1"."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
 def _require(path: Path) -> Path:
+    """PATH, where it exists; else a skip, or in CI a failure."""
     if not path.exists():
+        if in_ci():
+            pytest.fail(
+                f"{path} is absent: CI must have the shared material (../shared beside the repository, or set "
+                "VIT_HF_SHARED to the folder that holds it)",
+                pytrace=False,
+            )
         pytest.skip(f"{path} is absent: the shared material (../shared) is only on developer and CI machines")
     return path
 
@@ -36,12 +52,12 @@ def jax_reference_dir() -> Path:
 
 @pytest.fixture(params=["region", "pillow"])
 def jpeg_decoder(request, monkeypatch) -> str:
-    """Each way vit_hf.data decodes a JPEG: libjpeg-turbo's region decode (vit_hf._jpeg, where the install built it)
-    and Pillow's whole decode (where it did not)."""
-    from vit_hf.data import sources as data
+    """Each way vit_hf.data.photos decodes a JPEG: libjpeg-turbo's region decode (vit_hf.data._jpeg, where the install
+    built it) and Pillow's whole decode (where it did not)."""
+    from vit_hf.data import photos
 
-    if request.param == "region" and data._jpeg is None:
+    if request.param == "region" and photos._jpeg is None:
         pytest.skip("vit_hf._jpeg is not built (no C compiler or libjpeg-turbo headers at install)")
     if request.param == "pillow":
-        monkeypatch.setattr(data, "_jpeg", None)
+        monkeypatch.setattr(photos, "_jpeg", None)
     return request.param

@@ -1,12 +1,18 @@
-"""The speed benchmark: its FLOP count, its GPU peaks, and a smoke run of the real CLI on a tiny ViT."""
+"""The benchmarks in benchmarks/: the FLOP count, the GPU peaks, smoke runs of the real scripts on a tiny ViT, and the
+commands of the GPU check."""
 
 import argparse
+import importlib.util
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 from bench_loop import MODELS, bench_recipe, peak_tflops, training_flops_per_image
 from transformers import ViTConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_vit_b16_training_step_at_224_px_is_about_105_gflops_an_image():
@@ -84,7 +90,7 @@ def test_input_pipeline_bench_times_photos_made_from_the_data_set_with_either_jp
 ):
     from bench_data import main
 
-    from vit_hf.data import sources as data_module
+    from vit_hf.data import photos as data_module
 
     if data_module._jpeg is None:
         pytest.skip("vit_hf._jpeg is not built (no C compiler or libjpeg-turbo headers at install)")
@@ -152,3 +158,31 @@ def test_whole_process_mode_refuses_a_warm_up_and_a_pretrained_model(capsys):
     dataset = {"path": "parquet", "data_files": {"train": "train.parquet"}}
     with pytest.raises(UserError, match="from-scratch"):
         whole_process_recipe(args, dataset, has_test=False)
+
+
+def test_whole_process_mode_starts_the_trainer_script_by_its_path():
+    from bench_loop import TRAINER, WHOLE
+
+    _, command, _ = WHOLE[TRAINER]
+    assert command == [str(REPO / "benchmarks" / "trainer_baseline.py")] and Path(command[0]).is_file()
+
+
+def test_the_gpu_check_runs_scripts_modules_files_and_names_that_exist():
+    # It runs only where a GPU is lent: what it names is checked here, where modules move.
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    scripts = re.findall(r"\bpython3? (benchmarks/\w+\.py)", script)
+    modules = re.findall(r"(?<![\w-])-m (vit_hf(?:\.\w+)+)", script)
+    files = re.findall(r"\b((?:recipes|accelerate_configs)/[\w.]+\w)", script)
+    imports = re.findall(r"^from (vit_hf[\w.]*) import (.+)$", script, re.MULTILINE)
+    assert scripts and modules and files and imports
+    missing = [path for path in scripts + files if not (REPO / path).is_file()]
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        missing += [] if found else [module]
+    for module, names in imports:
+        loaded = importlib.import_module(module)
+        missing += [f"{module}.{name.strip()}" for name in names.split(",") if not hasattr(loaded, name.strip())]
+    assert missing == []

@@ -1,17 +1,10 @@
-"""Where the model looks: attention rollout maps over images, and pictures of predictions for TensorBoard.
+"""Where the model looks: attention rollout maps over images, as PNG files.
 
     python -m vit_hf.attention outputs/cifar10-vit-b16-224 cat.jpg photos/ --out attention_maps
 
 writes `attention_maps/<image stem>_attention.png` per image: the image and its rollout heat map side by side,
 the predicted label in the title. Attention rollout is Abnar and Zuidema, 2020, "Quantifying Attention Flow in
 Transformers" (https://arxiv.org/abs/2005.00928).
-
-From a training loop (plain uint8 pictures drawn with PIL and NumPy: no matplotlib to import at the end of a run):
-
-    maps = attention_rollout(model, pixel_values)
-    overlay = rollout_overlay(pixels_to_images(pixel_values)[0], maps[0])
-    writer.add_image("attention/0", overlay, step, dataformats="HWC")
-    writer.add_image("predictions", prediction_grid(images, labels, predictions, class_names), step, dataformats="HWC")
 """
 
 import argparse
@@ -21,8 +14,9 @@ from pathlib import Path
 import torch
 from transformers.utils.logging import disable_progress_bar
 
-from vit_hf.predict import image_paths, load_image, load_model
+from vit_hf.data.images import image_paths, load_image
 from vit_hf.publish.attention_maps import attention_rollout, rollout_figure
+from vit_hf.publish.model_dir import load_model_and_processor
 from vit_hf.utils.errors import UserError, cli_entry
 
 
@@ -53,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--batch-size must be at least 1")
     paths = image_paths(args.images)
     out_paths = _output_paths(paths, Path(args.out))
-    model, processor = load_model(args.model_dir, attn_implementation="eager")
+    model, processor = load_model_and_processor(args.model_dir, attn_implementation="eager")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(paths), args.batch_size):
         images = [load_image(path) for path in paths[start : start + args.batch_size]]

@@ -14,8 +14,9 @@ import torch
 
 from vit_hf.data.augment import save_preview_grid
 from vit_hf.data.inputs import TrainInputs
-from vit_hf.data.sources import load_splits, make_loader
-from vit_hf.data.streaming import make_stream_loader
+from vit_hf.data.loader import make_loader
+from vit_hf.data.sources import load_splits
+from vit_hf.data.stream_loader import make_stream_loader
 from vit_hf.recipe import load_recipe
 from vit_hf.utils.errors import UserError, cli_entry
 from vit_hf.utils.files import atomic_file

@@ -208,7 +208,10 @@ def _check_combinations(recipe: dict) -> None:
             f"{train['global_batch_size']} is not a multiple of train.micro_batch_size {train['micro_batch_size']}",
         )
     if not 0 <= schedule["warmup_steps"] < schedule["total_steps"]:
-        raise RecipeError("schedule.warmup_steps", f"must be in [0, total_steps), got {schedule['warmup_steps']}")
+        raise RecipeError(
+            "schedule.warmup_steps",
+            f"must be in [0, schedule.total_steps {schedule['total_steps']}), got {schedule['warmup_steps']}",
+        )
     if schedule["linear_end"] < 0:
         raise RecipeError("schedule.linear_end", f"must be 0 or more, got {schedule['linear_end']}")
     if data["train_split"] is None:
@@ -226,12 +229,7 @@ def _check_combinations(recipe: dict) -> None:
         _check_streaming(data)
     if recipe["hub"]["push"] and not recipe["hub"]["model_id"]:
         raise RecipeError("hub.model_id", "hub.push is true, so a model id (user/name) is needed")
-    if optim["max_grad_norm"] is not None and optim["max_grad_norm"] <= 0:
-        raise RecipeError("optim.max_grad_norm", f"must be positive or null, got {optim['max_grad_norm']}")
-    if len(optim["betas"]) != 2 or not all(0 <= b < 1 for b in optim["betas"]):
-        raise RecipeError("optim.betas", f"expected two numbers in [0, 1), got {optim['betas']}")
-    if optim["momentum_dtype"] != "float32" and optim["name"] != "sgd":
-        raise RecipeError("optim.momentum_dtype", f"bfloat16 is for SGD only, optim.name is {optim['name']}")
+    _check_optim(optim)
     if not 0 <= train["label_smoothing"] < 1:
         raise RecipeError("train.label_smoothing", f"must be in [0, 1), got {train['label_smoothing']}")
     if not 0 <= recipe["model"]["drop_path"] < 1:
@@ -239,13 +237,23 @@ def _check_combinations(recipe: dict) -> None:
     if recipe["model"]["lora"] is not None:
         recipe["model"]["lora"] = _check_lora(recipe["model"])
     _check_trackers(train["report_to"])
-    if optim["layer_decay"] is not None and not 0 < optim["layer_decay"] <= 1:
-        raise RecipeError("optim.layer_decay", f"must be in (0, 1] or null, got {optim['layer_decay']}")
     if train["ema_decay"] is not None and not 0 < train["ema_decay"] < 1:
         raise RecipeError("train.ema_decay", f"must be in (0, 1) or null, got {train['ema_decay']}")
     if data["augment"] is not None:
         _check_augment(data["augment"])
     _check_model(recipe["model"])
+
+
+def _check_optim(optim: dict) -> None:
+    """The ranges of the `optim` fields the schema cannot state."""
+    if optim["max_grad_norm"] is not None and optim["max_grad_norm"] <= 0:
+        raise RecipeError("optim.max_grad_norm", f"must be positive or null, got {optim['max_grad_norm']}")
+    if len(optim["betas"]) != 2 or not all(0 <= b < 1 for b in optim["betas"]):
+        raise RecipeError("optim.betas", f"expected two numbers in [0, 1), got {optim['betas']}")
+    if optim["momentum_dtype"] != "float32" and optim["name"] != "sgd":
+        raise RecipeError("optim.momentum_dtype", f"bfloat16 is for SGD only, optim.name is {optim['name']}")
+    if optim["layer_decay"] is not None and not 0 < optim["layer_decay"] <= 1:
+        raise RecipeError("optim.layer_decay", f"must be in (0, 1] or null, got {optim['layer_decay']}")
 
 
 def _check_model(model: dict) -> None:

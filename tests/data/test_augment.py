@@ -18,14 +18,12 @@ from vit_hf.data.augment import (
     OPS,
     apply_ops,
     draw_ops,
-    mixup_cutmix,
     rand_augment,
-    random_erasing,
-    sample_beta,
     save_preview_grid,
-    smooth_one_hot,
     trivial_augment,
 )
+from vit_hf.data.mixing import mixup_cutmix, random_erasing, smooth_one_hot
+from vit_hf.data.random_draws import sample_beta
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 

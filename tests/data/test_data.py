@@ -24,8 +24,11 @@ from transformers.image_utils import PILImageResampling
 # Without torchvision, transformers 5's ViTImageProcessor falls back to (and returns) this PIL implementation.
 from transformers.models.vit import ViTImageProcessorPil
 
-from vit_hf.data import sources as data_module
-from vit_hf.data.sources import DeviceTransform, load_splits, make_loader, random_crop_boxes, to_model_range
+from vit_hf.data import batches as batches_module
+from vit_hf.data import photos as photos_module
+from vit_hf.data.loader import make_loader
+from vit_hf.data.sources import load_splits
+from vit_hf.data.transforms import DeviceTransform, random_crop_boxes, to_model_range
 from vit_hf.recipe import resolve_recipe
 from vit_hf.utils.errors import UserError
 
@@ -541,7 +544,7 @@ def decoded(dataset: datasets.Dataset) -> list[Image.Image]:
 
 def fixed_boxes(monkeypatch, boxes: list[list[int]]) -> None:
     """Have the workers cut these crop boxes (top, left, height, width) instead of random ones."""
-    monkeypatch.setattr(data_module, "crop_boxes", lambda *draws: torch.tensor(boxes, dtype=torch.float32))
+    monkeypatch.setattr(batches_module, "crop_boxes", lambda *draws: torch.tensor(boxes, dtype=torch.float32))
 
 
 def test_worker_crops_are_cut_from_the_original_photo_then_resized(photos, monkeypatch):
@@ -664,7 +667,7 @@ def drafts(monkeypatch, jpeg_decoder) -> list[tuple[tuple[int, int], tuple[int, 
 
         monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     else:
-        decode_region = data_module._jpeg.decode_region
+        decode_region = photos_module._jpeg.decode_region
 
         def spy(data, out, scale, *region):
             if scale > 1:
@@ -672,7 +675,7 @@ def drafts(monkeypatch, jpeg_decoder) -> list[tuple[tuple[int, int], tuple[int, 
                 calls.append(((width, height), (math.ceil(width / scale), math.ceil(height / scale))))
             return decode_region(data, out, scale, *region)
 
-        monkeypatch.setattr(data_module, "_jpeg", type("Spy", (), {"decode_region": staticmethod(spy)}))
+        monkeypatch.setattr(photos_module, "_jpeg", type("Spy", (), {"decode_region": staticmethod(spy)}))
     return calls
 
 
@@ -688,7 +691,7 @@ def test_eval_decodes_jpegs_at_reduced_scale_only_down_to_the_model_size(photos,
     ]
     full = torch.stack([chw(image.resize((40, 40), Image.BILINEAR)) for image in decoded(jpegs)])
     difference = (batch["pixels"].int() - full.int()).abs()
-    # The decoder's DCT scaling alone: measured 0.45 levels mean and 14 at most at 40 px (see data._draft).
+    # The decoder's DCT scaling alone (see photos._draft_scale).
     assert difference.float().mean() < 1 and difference.max() <= 20
     assert_resized_as_pil(batch["pixels"][5], full[5])  # not reduced: the full decode, resized
     # PNG has no reduced-scale decoding: the full decode and resize.
@@ -723,14 +726,14 @@ def test_a_prepared_batch_holds_one_decoded_photo_at_a_time(photos, monkeypatch,
     # Pillow's own count of its pixel blocks, read as each photo is resized: each decoded photo is freed once its
     # crop is cut, so the worker's memory does not grow with the batch size.
     live = []
-    resized = data_module._resized
+    resized = batches_module.resize_box
 
     def spy(*args):
         stats = Image.core.get_stats()
         live.append(stats["allocated_blocks"] - stats["freed_blocks"])
         return resized(*args)
 
-    monkeypatch.setattr(data_module, "_resized", spy)
+    monkeypatch.setattr(batches_module, "resize_box", spy)
     # At 160 px no JPEG is drafted: each result is torch's, no PIL image of its own (drafted ones are PIL's).
     first_batch(encoded_dataset(photos, kind), image_size=160, crop_scale=(0.05, 1.0))
     assert len(live) == len(photos) and live == [live[0]] * len(photos)
@@ -738,7 +741,7 @@ def test_a_prepared_batch_holds_one_decoded_photo_at_a_time(photos, monkeypatch,
 
 def test_eval_batches_of_photos_match_the_vit_image_processor(photos):
     # The whole photo resized to the model's size, whatever its size: PNG within a level of PIL (pil_resize),
-    # drafted JPEG within its DCT scaling (measured: 4 levels at most at 224 px; 20 allowed at 64 px here).
+    # drafted JPEG within its DCT scaling (a few levels at most; 20 allowed at 64 px here).
     ours = DeviceTransform(64, train=False)(first_batch(encoded_dataset(photos), image_size=64)["pixels"])
     expected = vit_processor(64)(photos, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(ours, expected, atol=PIL_ROUNDING, rtol=0)

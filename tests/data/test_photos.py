@@ -21,9 +21,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import pipeline
 from transformers.image_utils import load_image as transformers_load_image
 
-import vit_hf.data.sources as data_module
-from vit_hf.data.sources import make_loader
-from vit_hf.predict import load_image as predict_load_image
+import vit_hf.data.batches as batches_module
+from vit_hf.data.images import load_image as predict_load_image
+from vit_hf.data.loader import make_loader
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def hwc(pixels: torch.Tensor) -> np.ndarray:
 def assert_close_to_upright(ours: np.ndarray, reference: Image.Image, orientation: int) -> None:
     # Flips (2-4) commute exactly with the resize, which is PIL's within its own rounding (pil_resize); where the
     # axes swap (5-8), the two passes run in the other order and round to uint8 in between: 1 level at most, in
-    # about 1% of the values of photos and up to 7% of these smooth gradients (see data._Collate._crop).
+    # a small share of the values of photos and a larger one of these smooth gradients (see batches.Collate._crop).
     assert_resized_as_pil(ours, np.asarray(reference))
 
 
@@ -158,7 +158,7 @@ def test_eval_and_fixed_train_boxes_see_the_photo_upright_as_exif_transpose_does
 
     # Boxes (top, left, height, width) of the upright photo: 100 x 120 or 120 x 100, so these fit either way.
     boxes = [[10, 20, 60, 70], [0, 0, 100, 100], [30, 5, 40, 90], [55, 40, 45, 33]]
-    monkeypatch.setattr(data_module, "crop_boxes", lambda *draws: torch.tensor(boxes, dtype=torch.float32))
+    monkeypatch.setattr(batches_module, "crop_boxes", lambda *draws: torch.tensor(boxes, dtype=torch.float32))
     train_batch = batch_of(dataset, image_size=64, crop_scale=(0.05, 1.0))
     for (top, left, height, width), pixels in zip(boxes, train_batch["pixels"], strict=True):
         expected = reference.crop((left, top, left + width, top + height)).resize((64, 64), Image.BILINEAR)
@@ -195,13 +195,13 @@ def test_a_png_is_seen_upright_wherever_its_exif_chunk_lies(exif_after_pixels):
 
 @pytest.mark.parametrize("orientation", [1, 3, 6, 7])
 def test_a_drafted_photo_is_oriented_too(orientation, monkeypatch, jpeg_decoder):
-    # 400 x 300 at 64 px: the whole image decodes at 1/4, the train box at 1/2 (data._draft), in stored pixels.
+    # 400 x 300 at 64 px: the whole image decodes at 1/4, the train box at 1/2 (photos._draft_scale), in stored pixels.
     jpeg = oriented_jpeg(asymmetric_pixels(400, 300), orientation)
     reference = upright(jpeg)
     dataset = jpeg_dataset([jpeg])
     top, left, height, width = 20, 30, 200, 150
     monkeypatch.setattr(
-        data_module, "crop_boxes", lambda *draws: torch.tensor([[top, left, height, width]], dtype=torch.float32)
+        batches_module, "crop_boxes", lambda *draws: torch.tensor([[top, left, height, width]], dtype=torch.float32)
     )
     for options, expected in (
         ({}, reference.resize((64, 64), Image.BILINEAR)),
@@ -212,7 +212,7 @@ def test_a_drafted_photo_is_oriented_too(orientation, monkeypatch, jpeg_decoder)
     ):
         ours = hwc(batch_of(dataset, image_size=64, **options)["pixels"][0])
         difference = np.abs(ours - np.asarray(expected).astype(int))
-        # The decoder's DCT scaling (data._draft): well under a level on average on smooth pixels.
+        # The decoder's DCT scaling (photos._draft_scale): well under a level on average on smooth pixels.
         assert difference.mean() < 1 and difference.max() <= 20
 
 
@@ -224,13 +224,13 @@ def test_random_crops_and_flips_are_drawn_on_the_upright_photo(monkeypatch):
     assert reference.size == (40, 160)
     dataset = jpeg_dataset([jpeg] * 16)
     boxes = []
-    original = data_module.crop_boxes
+    original = batches_module.crop_boxes
 
     def spy(*draws):
         boxes.append(original(*draws))
         return boxes[-1]
 
-    monkeypatch.setattr(data_module, "crop_boxes", spy)
+    monkeypatch.setattr(batches_module, "crop_boxes", spy)
     batch = batch_of(dataset, image_size=32, crop_scale=(0.05, 1.0), hflip=True)
     mirrored = 0
     for (top, left, height, width), pixels in zip(boxes[0].int().tolist(), batch["pixels"], strict=True):
@@ -270,7 +270,7 @@ def test_worker_draws_are_the_row_generators_numbers_in_device_transform_order(m
     # flip: random_crop_boxes' order, i.e. what DeviceTransform draws for one image from the same generator.
     seen = []
     monkeypatch.setattr(
-        data_module, "crop_boxes", lambda *draws: seen.append(draws) or torch.tensor([[0.0, 0, 30, 40]] * 6)
+        batches_module, "crop_boxes", lambda *draws: seen.append(draws) or torch.tensor([[0.0, 0, 30, 40]] * 6)
     )
     dataset = jpeg_dataset([oriented_jpeg(asymmetric_pixels(40, 30), 1)] * 6)
     loader = make_loader(dataset, "image", "label", 6, shuffle=True, seed=11, image_size=16, crop_scale=(0.05, 1.0))
@@ -278,6 +278,6 @@ def test_worker_draws_are_the_row_generators_numbers_in_device_transform_order(m
     rows = next(iter(loader))["index"].tolist()
     attempts, offsets = seen[0][:2]
     for i, row in enumerate(rows):
-        generator = data_module._row_generator(11, 2, row)
+        generator = batches_module._row_generator(11, 2, row)
         assert torch.equal(attempts[i], torch.rand(10, 2, generator=generator))
         assert torch.equal(offsets[i], torch.rand(2, generator=generator))

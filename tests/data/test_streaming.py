@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from runs import assert_same_weights, losses, tiny_recipe, weights, write_recipe
 
 from vit_hf.data.sources import load_splits
-from vit_hf.data.streaming import SHARD_ROWS, StreamLoader, make_stream_loader
+from vit_hf.data.stream_loader import SHARD_ROWS, StreamLoader, make_stream_loader
 from vit_hf.recipe import resolve_recipe
 from vit_hf.utils.errors import RunError, UserError
 
@@ -192,7 +192,7 @@ PROBE = """
 import json, sys
 from accelerate import PartialState
 from vit_hf.data.sources import load_splits
-from vit_hf.data.streaming import make_stream_loader
+from vit_hf.data.stream_loader import make_stream_loader
 
 state = PartialState(cpu=True)
 data, out = json.loads(sys.argv[1]), sys.argv[2]

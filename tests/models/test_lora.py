@@ -221,7 +221,7 @@ def test_a_bad_lora_section_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_the_cifar100_lora_recipe_is_the_official_one_with_adapters_and_a_higher_lr():
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
     lora, full = load_recipe(recipes / "cifar100_lora.json"), load_recipe(recipes / "cifar100.json")
     assert lora["model"]["lora"] == {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
     assert lora["optim"] == full["optim"] | {"lr": 0.1}

@@ -4,13 +4,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from matplotlib import colormaps
 from PIL import Image
 from transformers import AutoImageProcessor, ViTForImageClassification
 
 from vit_hf.attention import main
 from vit_hf.models.conversion import load_npz
 from vit_hf.publish.attention_maps import (
-    _jet,
     attention_rollout,
     pixels_to_images,
     prediction_grid,
@@ -151,13 +151,15 @@ def test_cli_refuses_two_images_whose_maps_would_overwrite_each_other(capsys, mo
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "maps").exists()
 
 
-def test_the_jet_colours_are_matplotlibs():
-    from matplotlib import colormaps
+def test_the_rollout_overlay_blends_the_image_half_and_half_with_matplotlibs_jet(cifar_images):
+    images, _ = cifar_images
+    heat = torch.tensor([[0.5, 1.0]])  # stretched over the width: 0.5 at the left edge, 1 at the right
 
-    values = np.linspace(0, 1, 101)
-    np.testing.assert_allclose(
-        _jet(values), colormaps["jet"](values)[:, :3], atol=0.02
-    )  # its look-up table of 256 entries, slopes up to 4.5
+    overlay = rollout_overlay(images[0], heat).astype(float)
+
+    for column, value in ((32, 0.5), (63, 1.0)):
+        expected = 0.5 * images[0][:, column - 32] + 0.5 * 255 * np.array(colormaps["jet"](value)[:3])
+        np.testing.assert_allclose(overlay[:, column], expected, atol=1)
 
 
 def test_the_rollout_overlay_shows_the_image_and_reddens_where_the_map_is_hot(cifar_images):

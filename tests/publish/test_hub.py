@@ -15,7 +15,8 @@ from PIL import Image
 
 from vit_hf.models.conversion import load_npz
 from vit_hf.publish import hub
-from vit_hf.publish.hub import push_to_hub, write_model_card
+from vit_hf.publish.card import write_model_card
+from vit_hf.publish.hub import push_to_hub
 from vit_hf.publish.model_dir import save_model_dir
 from vit_hf.push import main
 from vit_hf.training.run_log import read_run_scalars

@@ -15,9 +15,10 @@ from launch import one_line_error, run_module
 from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification
 
-from vit_hf.fewshot import check_shots, draw_shots, main
+from vit_hf.fewshot import main
 from vit_hf.models.conversion import load_npz
 from vit_hf.publish.model_dir import save_model_dir
+from vit_hf.training.fewshot import check_shots, draw_shots
 from vit_hf.utils.errors import UserError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

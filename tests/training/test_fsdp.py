@@ -11,7 +11,7 @@ import pytest
 from launch import free_port, offline_env
 from runs import assert_same_weights, loaded_weights, losses, tiny_recipe, write_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Two micro-batches of 16 on each process an update (accumulation), minival every 3 updates, checkpoints at 3 and 6.
 SECTIONS = {

@@ -8,7 +8,7 @@ from runs import finetune, losses, tiny_recipe, train_rows, write_recipe
 from transformers import ViTForImageClassification
 
 from vit_hf.finetune import main as finetune_main
-from vit_hf.publish.hub import CURVES
+from vit_hf.publish.card import CURVES
 
 
 def tracked_recipe(cifar10_dir, out, report_to: list[str]) -> dict:

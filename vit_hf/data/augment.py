@@ -1,5 +1,5 @@
-"""Batched image augmentations that run on the training device: RandAugment, TrivialAugmentWide, random
-erasing, Mixup/CutMix, label smoothing, and a PNG preview grid to look at what they do.
+"""Batched image augmentations that run on the training device: RandAugment and TrivialAugmentWide (random
+erasing, Mixup/CutMix and label smoothing: `vit_hf.data.mixing`), and a PNG preview grid to look at what they do.
 
 Every op works on a whole batch (B, 3, H, W) at once, draws its random choices per sample, and takes an
 optional `torch.Generator` so that a seed fixes the result. RandAugment and TrivialAugmentWide take images
@@ -22,14 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from vit_hf.data.random_draws import integers, uniform
+
 NUM_MAGNITUDE_BINS = 31
 # Grey becomes 0 after normalisation to [-1, 1], so the corners a rotation or shear uncovers carry no signal.
 FILL = 0.5
-# timm's RandomErasing tries this many boxes per sample before it gives up on one that does not fit.
-ERASING_ATTEMPTS = 10
-# Marsaglia-Tsang accepts a Gamma candidate with probability above 0.95 (shape >= 1): all of 16 are rejected
-# with probability below 1e-20.
-GAMMA_CANDIDATES = 16
 
 Op = Callable[[Tensor, Tensor], Tensor]
 
@@ -226,69 +223,6 @@ OP_NAMES = tuple(OPS)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Random draws
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    """Draw on the generator's own device, so that a CPU generator also drives images on a GPU."""
-    return generator.device if generator is not None else device
-
-
-def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    return torch.rand(shape, generator=generator, device=_draw_device(generator, device)).to(device)
-
-
-def _integers(high: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    return torch.randint(high, shape, generator=generator, device=_draw_device(generator, device)).to(device)
-
-
-def _normal(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    return torch.randn(shape, generator=generator, dtype=dtype, device=_draw_device(generator, device)).to(device)
-
-
-def _log_uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """log(U) for U uniform in (0, 1]: finite, unlike the log of torch.rand's 0."""
-    return (1 - _uniform(shape, generator, device)).log()
-
-
-def _log_gamma(alpha: float, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Logarithms of Gamma(alpha, 1) samples by Marsaglia and Tsang (2000), vectorised: of GAMMA_CANDIDATES
-    candidates d * v, v = (1 + c * x)^3 with x standard normal, the first that passes the acceptance test is
-    kept. Below 1, Gamma(alpha) = Gamma(alpha + 1) * U^(1 / alpha), added as a log so that it cannot underflow."""
-    shape_above_one = alpha if alpha >= 1 else alpha + 1
-    d = shape_above_one - 1 / 3
-    c = 1 / math.sqrt(9 * d)
-    x = _normal((*shape, GAMMA_CANDIDATES), generator, device)
-    log_u = _log_uniform((*shape, GAMMA_CANDIDATES), generator, device)
-    v = (1 + c * x) ** 3
-    log_v = v.log()  # NaN where v <= 0: those candidates are rejected by the v > 0 test
-    accepted = (v > 0) & (log_u < x**2 / 2 + d - d * v + d * log_v)
-    first_accepted = accepted.int().argmax(dim=-1, keepdim=True)
-    log_gamma = math.log(d) + log_v.gather(-1, first_accepted).squeeze(-1)
-    # No candidate accepted (probability below 1e-20): log(d), near the mean, keeps the sample finite.
-    log_gamma = torch.where(accepted.any(dim=-1), log_gamma, math.log(d))
-    if alpha < 1:
-        log_gamma = log_gamma + _log_uniform(shape, generator, device) / alpha
-    return log_gamma
-
-
-def sample_beta(
-    alpha: float, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-) -> Tensor:
-    """Beta(alpha, alpha) samples (float32) on `device` from `generator`, which torch.distributions.Beta does
-    not take: X / (X + Y) for independent X, Y ~ Gamma(alpha)."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    device = torch.device(device)
-    log_x, log_y = _log_gamma(alpha, (2, *shape), generator, device).unbind(0)
-    # X / (X + Y) as sigmoid(log X - log Y): exact where X and Y are both too small for a float.
-    return torch.sigmoid(log_x - log_y)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # RandAugment and TrivialAugmentWide
 # ---------------------------------------------------------------------------------------------------------
 
@@ -316,7 +250,7 @@ def _magnitude_ranges(height: int, width: int, wide: bool) -> dict[str, tuple[fl
     }
 
 
-def _check_images(images: Tensor) -> None:
+def check_images(images: Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(
             f"images must be a float tensor of shape (B, 3, H, W), got {tuple(images.shape)} {images.dtype}"
@@ -331,8 +265,8 @@ def draw_ops(
     Magnitudes follow torchvision's RandAugment table, or (wide) its TrivialAugmentWide table."""
     ranges = _magnitude_ranges(height, width, wide)
     count = bins.shape[0]
-    ops = _integers(len(OP_NAMES), (count,), generator, bins.device)
-    negative = _uniform((count,), generator, bins.device) < 0.5
+    ops = integers(len(OP_NAMES), (count,), generator, bins.device)
+    negative = uniform((count,), generator, bins.device) < 0.5
     # One where per op rather than indexing a table: a table tensor would be a host-to-device copy.
     magnitudes = torch.zeros_like(bins)
     for index, name in enumerate(OP_NAMES):
@@ -374,7 +308,7 @@ def rand_augment(
 ) -> Tensor:
     """RandAugment (Cubuk et al. 2020) on images (B, 3, H, W) in [0, 1]: each sample applies `num_ops` ops
     of its own choosing, at bin `magnitude` of 31, with its own signs."""
-    _check_images(images)
+    check_images(images)
     if not 0 <= magnitude < NUM_MAGNITUDE_BINS:
         raise ValueError(f"magnitude must be in 0..{NUM_MAGNITUDE_BINS - 1}, got {magnitude}")
     if num_ops < 0:
@@ -388,137 +322,9 @@ def rand_augment(
 def trivial_augment(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """TrivialAugmentWide (Müller & Hutter 2021) on images (B, 3, H, W) in [0, 1]: each sample applies one
     op of its own choosing at a magnitude bin drawn uniformly from the 31 wide bins."""
-    _check_images(images)
-    bins = _integers(NUM_MAGNITUDE_BINS, (images.shape[0],), generator, images.device).float()
+    check_images(images)
+    bins = integers(NUM_MAGNITUDE_BINS, (images.shape[0],), generator, images.device).float()
     return apply_ops(images, *draw_ops(bins, *images.shape[-2:], wide=True, generator=generator))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Random erasing
-# ---------------------------------------------------------------------------------------------------------
-
-
-def random_erasing(
-    images: Tensor,
-    probability: float = 0.25,
-    generator: torch.Generator | None = None,
-    scale: tuple[float, float] = (0.02, 1 / 3),
-    ratio: tuple[float, float] = (0.3, 3.3),
-) -> Tensor:
-    """Random erasing (Zhong et al. 2020) on normalised images (B, 3, H, W): with `probability` a sample gets
-    one rectangle of area fraction in `scale` and aspect ratio (height / width, log-uniform) in `ratio`.
-
-    The rectangle is filled with per-pixel standard normal noise, as timm's mode='pixel' (DeiT's recipe for
-    training ViTs from scratch): noise leaves no constant patch for the model to key on. On images in
-    [-1, 1] (std about 0.5) the noise is about twice as wide as the image values, as in timm with ViT's
-    mean = std = 0.5 normalisation. A sample whose ERASING_ATTEMPTS boxes all overflow the image is left
-    as it is, like timm.
-    """
-    _check_images(images)
-    if not 0 <= probability <= 1:
-        raise ValueError(f"probability must be in [0, 1], got {probability}")
-    n, _, height, width = images.shape
-    device = images.device
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * _uniform((n, ERASING_ATTEMPTS), generator, device))
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_low + (log_high - log_low) * _uniform((n, ERASING_ATTEMPTS), generator, device))
-    box_heights = (area * aspect).sqrt().round()
-    box_widths = (area / aspect).sqrt().round()
-    fits = (box_heights < height) & (box_widths < width)
-    first_fit = fits.int().argmax(dim=1, keepdim=True)
-    box_height = box_heights.gather(1, first_fit).squeeze(1)
-    box_width = box_widths.gather(1, first_fit).squeeze(1)
-    # Uniform integer offsets in [0, size - box]; the clamp guards against float32 rounding rand() * n up to n.
-    top = torch.minimum((_uniform((n,), generator, device) * (height - box_height + 1)).floor(), height - box_height)
-    left = torch.minimum((_uniform((n,), generator, device) * (width - box_width + 1)).floor(), width - box_width)
-    erase = fits.any(dim=1) & (_uniform((n,), generator, device) < probability)
-
-    rows = torch.arange(height, device=device)
-    columns = torch.arange(width, device=device)
-    in_rows = (rows >= top[:, None]) & (rows < (top + box_height)[:, None])
-    in_columns = (columns >= left[:, None]) & (columns < (left + box_width)[:, None])
-    inside = in_rows[:, None, :, None] & in_columns[:, None, None, :] & erase[:, None, None, None]
-    return torch.where(inside, _normal(images.shape, generator, device, images.dtype), images)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Mixup / CutMix and label smoothing
-# ---------------------------------------------------------------------------------------------------------
-
-
-def smooth_one_hot(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
-    """One-hot float32 rows with label smoothing (timm's convention): 1 - smoothing + smoothing / num_classes
-    on the label, smoothing / num_classes elsewhere; each row sums to one."""
-    if not 0 <= smoothing < 1:
-        raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
-    # A comparison, not F.one_hot: one_hot reads the labels' range back to the host to check it.
-    one_hot = (labels[:, None] == torch.arange(num_classes, device=labels.device)).float()
-    return one_hot * (1 - smoothing) + smoothing / num_classes
-
-
-def _cut_span(lam: Tensor, size: int, generator: torch.Generator | None) -> Tensor:
-    """Which of `size` pixels (bool) one side of timm's rand_bbox covers: a cut of int(size * sqrt(1 - lam))
-    pixels centred on a uniform pixel, clipped to the image."""
-    half_cut = (size * (1 - lam).sqrt()).floor().div(2).floor()
-    # The clamp guards against float32 rounding rand() * size up to size.
-    centre = (_uniform((), generator, lam.device) * size).floor().clamp(max=size - 1)
-    positions = torch.arange(size, device=lam.device)
-    return (positions >= centre - half_cut) & (positions < centre + half_cut)
-
-
-def mixup_cutmix(
-    images: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    mixup_alpha: float = 0.8,
-    cutmix_alpha: float = 1.0,
-    prob: float = 1.0,
-    switch_prob: float = 0.5,
-    label_smoothing: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) for a batch, like timm's Mixup in 'batch' mode.
-
-    With probability `prob` the batch is mixed with itself reversed, by one lam ~ Beta(alpha, alpha): Mixup
-    blends whole images, CutMix pastes a box from the partner and sets lam to the area left unpasted. With
-    both alphas > 0 CutMix is chosen with `switch_prob`; an alpha of 0 disables that method (both 0: no
-    mixing). Returns the images and soft targets lam * onehot(y) + (1 - lam) * onehot(y reversed), built
-    from label-smoothed one-hots, each row summing to one. Unmixed, a batch comes back with lam = 1.
-    """
-    _check_images(images)
-    if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
-    for name, value in (("prob", prob), ("switch_prob", switch_prob)):
-        if not 0 <= value <= 1:
-            raise ValueError(f"{name} must be in [0, 1], got {value}")
-    targets = smooth_one_hot(labels, num_classes, label_smoothing)
-    if (mixup_alpha == 0 and cutmix_alpha == 0) or prob == 0:
-        return images, targets
-
-    device = images.device
-    mix = _uniform((), generator, device) < prob
-    if mixup_alpha > 0 and cutmix_alpha > 0:
-        use_cutmix = _uniform((), generator, device) < switch_prob
-        # Both lambdas are drawn and the chosen one kept: drawing only that one would read use_cutmix.
-        lam = torch.where(
-            use_cutmix,
-            sample_beta(cutmix_alpha, (), generator, device),
-            sample_beta(mixup_alpha, (), generator, device),
-        )
-    else:
-        use_cutmix = torch.full((), cutmix_alpha > 0, device=device)
-        lam = sample_beta(max(mixup_alpha, cutmix_alpha), (), generator, device)
-
-    height, width = images.shape[-2:]
-    cutting = mix & use_cutmix
-    pasted = _cut_span(lam, height, generator)[:, None] & _cut_span(lam, width, generator) & cutting
-    # The weight of each sample's own image: lam for Mixup, 1 (the image as it is) for CutMix or no mixing.
-    own_weight = torch.where(mix & ~use_cutmix, lam, 1.0)
-    partners = images.flip(0)
-    mixed = torch.where(pasted, partners, own_weight * images + (1 - own_weight) * partners)
-    # Like timm, CutMix's lam becomes the share of the image that the clipped box leaves.
-    lam = torch.where(cutting, 1 - pasted.sum() / (height * width), own_weight)
-    return mixed, lam * targets + (1 - lam) * targets.flip(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -529,7 +335,7 @@ def mixup_cutmix(
 def save_preview_grid(images: Tensor, path: str | Path, nrow: int = 8) -> None:
     """Write images (B, 3, H, W) as a PNG grid of `nrow` images a row with 2-pixel white gutters. Values are
     taken as [0, 1], or as [-1, 1] when any is negative (normalised images); outside values are clipped."""
-    _check_images(images)
+    check_images(images)
     images = images.detach().float().cpu()
     if images.min() < 0:
         images = (images + 1) / 2

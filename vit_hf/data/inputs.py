@@ -7,8 +7,9 @@ Order: crop/resize/flip (`DeviceTransform`) -> RandAugment or TrivialAugment on 
 import torch
 import torch.nn.functional as F
 
-from vit_hf.data.augment import mixup_cutmix, rand_augment, random_erasing, trivial_augment
-from vit_hf.data.sources import DeviceTransform, to_model_range
+from vit_hf.data.augment import rand_augment, trivial_augment
+from vit_hf.data.mixing import mixup_cutmix, random_erasing
+from vit_hf.data.transforms import DeviceTransform, to_model_range
 
 
 class TrainInputs:

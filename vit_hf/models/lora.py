@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import ViTForImageClassification
 
-if TYPE_CHECKING:  # peft is imported by add_lora: a third of a second that runs without LoRA do not pay
+if TYPE_CHECKING:  # peft is imported by add_lora, so that runs without LoRA do not import it
     from peft import PeftModel
 
 HEAD = "classifier"

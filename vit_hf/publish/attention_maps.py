@@ -1,12 +1,8 @@
-"""Where the model looks: attention rollout maps over images, and pictures of predictions for TensorBoard.
+"""Where the model looks: attention rollout maps (Abnar and Zuidema, 2020, "Quantifying Attention Flow in
+Transformers", https://arxiv.org/abs/2005.00928), the figures `python -m vit_hf.attention` saves, and pictures of
+predictions for TensorBoard.
 
-    python -m vit_hf.attention outputs/cifar10-vit-b16-224 cat.jpg photos/ --out attention_maps
-
-writes `attention_maps/<image stem>_attention.png` per image: the image and its rollout heat map side by side,
-the predicted label in the title. Attention rollout is Abnar and Zuidema, 2020, "Quantifying Attention Flow in
-Transformers" (https://arxiv.org/abs/2005.00928).
-
-From a training loop (plain uint8 pictures drawn with PIL and NumPy: no matplotlib to import at the end of a run):
+From a training loop (plain uint8 pictures for TensorBoard; matplotlib is imported only when they are drawn):
 
     maps = attention_rollout(model, pixel_values)
     overlay = rollout_overlay(pixels_to_images(pixel_values)[0], maps[0])
@@ -70,7 +66,7 @@ def rollout_figure(image: np.ndarray | Image.Image, rollout_map: Tensor | np.nda
 
     The (grid, grid) map is stretched over the whole image, as the model's resize squashed the image onto its grid.
     """
-    from matplotlib.figure import Figure  # the CLI's: a second of import that a training run does not pay
+    from matplotlib.figure import Figure  # imported when a figure is drawn, not with the module
 
     image = np.asarray(image)
     height, width = image.shape[:2]
@@ -96,27 +92,16 @@ def rollout_figure(image: np.ndarray | Image.Image, rollout_map: Tensor | np.nda
     return figure
 
 
-# The "jet" colour map's knots (position, value) for red, green and blue, as matplotlib defines it.
-_JET = (
-    ((0, 0.35, 0.66, 0.89, 1), (0, 0, 1, 1, 0.5)),
-    ((0, 0.125, 0.375, 0.64, 0.91, 1), (0, 0, 1, 1, 0, 0)),
-    ((0, 0.11, 0.34, 0.65, 1), (0.5, 1, 1, 0, 0)),
-)
-
-
-def _jet(values: np.ndarray) -> np.ndarray:
-    """The "jet" colour map (blue, cyan, yellow, red) of values in [0, 1], as (..., 3) floats in [0, 1]."""
-    return np.stack([np.interp(values, knots, levels) for knots, levels in _JET], axis=-1)
-
-
 def rollout_overlay(image: np.ndarray | Image.Image, rollout_map: Tensor | np.ndarray) -> np.ndarray:
     """The image, and the image under its rollout heat map (jet, half transparent), side by side: an (H, 2W, 3) uint8
     array for `writer.add_image(..., dataformats="HWC")`. The map is stretched bilinearly over the whole image."""
+    from matplotlib import colormaps  # imported when the pictures are drawn, at the end of a run
+
     image = np.asarray(image)
     heat = torch.as_tensor(rollout_map).float().cpu()[None, None]
     heat = torch.nn.functional.interpolate(heat, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     heat = (heat / heat.max()).numpy()
-    blended = 0.5 * image / 255 + 0.5 * _jet(heat)
+    blended = 0.5 * image / 255 + 0.5 * colormaps["jet"](heat)[..., :3]
     return np.concatenate([image, (blended * 255).round().astype(np.uint8)], axis=1)
 
 

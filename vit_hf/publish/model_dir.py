@@ -4,8 +4,9 @@ read back by every command (predict, validate, push, attention, few-shot and the
 import os
 from pathlib import Path
 
+import torch
 from PIL import Image
-from transformers import ViTForImageClassification, ViTImageProcessorPil
+from transformers import AutoImageProcessor, BaseImageProcessor, ViTForImageClassification, ViTImageProcessorPil
 
 from vit_hf.utils.errors import UserError
 from vit_hf.utils.files import atomic_dir
@@ -63,3 +64,16 @@ def load_model_dir(model_dir: str | os.PathLike, attn_implementation: str | None
         return ViTForImageClassification.from_pretrained(model_dir, attn_implementation=attn_implementation)
     except (OSError, ValueError) as error:
         raise UserError(f"{model_dir}: cannot be loaded ({' '.join(str(error).split())})") from None
+
+
+def load_model_and_processor(
+    model_dir: str | os.PathLike, attn_implementation: str | None = None
+) -> tuple[ViTForImageClassification, BaseImageProcessor]:
+    """The model of a model folder, in eval mode on the GPU when there is one, and its image processor."""
+    model = load_model_dir(model_dir, attn_implementation)
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{model_dir}: cannot be loaded ({' '.join(str(error).split())})") from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), processor

@@ -1,46 +1,19 @@
-"""Evaluation over a split on any number of processes, every sample counted exactly once."""
+"""Evaluation over a split on any number of processes, every sample counted exactly once; and the run's `Evaluator`,
+which scores minival and test during training and keeps the best model on minival."""
 
-import functools
-import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-
-def gloo_on_cpu() -> bool:
-    """Several processes and no GPU (`accelerate launch --multi_gpu`, torchrun): Accelerate must be told to use
-    the CPU, or each process runs alone; with cpu=True it joins them with gloo."""
-    return "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-
-
-@functools.cache
-def accuracy_metric() -> type:
-    """Top-1 accuracy as an `evaluate` metric class defined here, so that it works offline (no script from the Hub).
-
-    `evaluate` is imported at the first evaluation, not with this module: it brings transformers' pipelines and
-    scipy.stats, about 1.3 s of import on the 2-core machine, which a run that never evaluates need not pay.
-    """
-    import evaluate
-
-    class Accuracy(evaluate.Metric):
-        def _info(self) -> evaluate.MetricInfo:
-            return evaluate.MetricInfo(
-                description="Fraction of predictions equal to the reference label.",
-                citation="",
-                inputs_description="predictions and references: class ids",
-                features=datasets.Features(
-                    {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-                ),
-            )
-
-        def _compute(self, predictions, references) -> dict:
-            return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
-
-    return Accuracy
+from vit_hf.data.transforms import DeviceTransform
+from vit_hf.models.lora import exportable
+from vit_hf.publish.model_dir import load_model_dir, save_model_dir
+from vit_hf.training.checkpoint import Progress
+from vit_hf.training.run_log import RunLog
 
 
 def evaluate_split(
@@ -72,10 +45,10 @@ def evaluate_split(
     stacked = {key: torch.cat(values).to(accelerator.device) for key, values in local.items()}
     result = gather_rows(stacked, accelerator)
     result["predictions"] = result["top_k"][:, 0]
-    metric = accuracy_metric()()
-    result["accuracy"] = metric.compute(predictions=result["predictions"], references=result["labels"])["accuracy"]
+    result["samples"] = samples = len(result["index"])
+    correct = int(np.count_nonzero(result["predictions"] == result["labels"]))  # of the gathered rows, each once
+    result["accuracy"] = correct / samples if samples else float("nan")
     result["loss_mean"] = float(result["loss"].mean())
-    result["samples"] = len(result["index"])
     return result
 
 
@@ -95,3 +68,81 @@ def gather_rows(local: dict[str, torch.Tensor], accelerator: Accelerator) -> dic
     _, first = np.unique(index[valid], return_index=True)
     take = np.flatnonzero(valid)[first]
     return {key: value.numpy()[take] for key, value in gathered.items()}
+
+
+class Evaluator:
+    """Scores models on the run's evaluation loaders ("eval", minival, and "test", either may be missing), logging
+    each score at the current step, and keeps the best model on minival in the folder BEST.
+
+    Saving a model gathers its weights, a collective under FSDP: every process calls `keep_best` and `exported`.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        loaders: dict[str, Iterable[dict]],
+        image_size: int,
+        log: RunLog,
+        progress: Progress,
+        best: Path,
+    ) -> None:
+        self.accelerator, self.loaders, self.log, self.progress, self.best = accelerator, loaders, log, progress, best
+        self.transform = DeviceTransform(image_size, train=False)
+
+    @property
+    def has_minival(self) -> bool:
+        return "eval" in self.loaders
+
+    def evaluate(self, split: str, model: torch.nn.Module, log_as: str | None = None) -> dict:
+        """MODEL on the eval or test split, logged under LOG_AS (default: the split's name)."""
+        with self.accelerator.autocast():
+            result = evaluate_split(model, self.loaders[split], self.transform, self.accelerator)
+        self.log.eval(log_as or split, self.progress.step, result["accuracy"], result["loss_mean"])
+        return result
+
+    def keep_best(self, model: torch.nn.Module, average: torch.nn.Module | None = None) -> float:
+        """Minival of the training weights (the prepared MODEL) and of their AVERAGE (with EMA); a new best on
+        minival goes to the best folder, and `Progress` records it. Returns the training weights' accuracy."""
+        accuracy = {"raw": self.evaluate("eval", model)["accuracy"]}
+        if average is not None:
+            accuracy["ema"] = self.evaluate("eval", average, log_as="eval_ema")["accuracy"]
+        weights = max(accuracy, key=accuracy.get)  # the raw weights on a tie: the first key
+        progress = self.progress
+        if accuracy[weights] > progress.best_accuracy:
+            progress.best_accuracy, progress.best_step, progress.best_weights = (
+                accuracy[weights],
+                progress.step,
+                weights,
+            )
+            self._save(model, average if weights == "ema" else None)
+        return accuracy["raw"]
+
+    def exported(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model the run exports, loaded whole on every process (scoring it needs no sharded state): the best on
+        minival, or without minival the last, the prepared MODEL, saved as the best now."""
+        if not self.has_minival or not (self.best / "model.safetensors").exists():
+            self._save(model)
+        return load_model_dir(self.best).to(self.accelerator.device)
+
+    def score_exported(self, model: torch.nn.Module) -> tuple[dict, dict]:
+        """The exported MODEL on every split: the results' fields (`eval_accuracy`, `test_samples`, ...) and each
+        split's whole evaluation, by split name."""
+        fields, evaluated = {}, {}
+        for name in self.loaders:
+            # The exported model's minival score is logged apart: the minival curve stays that of the training weights.
+            evaluated[name] = result = self.evaluate(name, model, log_as="eval_exported" if name == "eval" else name)
+            fields |= {f"{name}_{key}": result[key] for key in ("accuracy", "samples")}
+            fields[f"{name}_loss"] = result["loss_mean"]
+        return fields, evaluated
+
+    def _save(self, model: torch.nn.Module, average: torch.nn.Module | None = None) -> None:
+        """The training weights of the prepared MODEL (gathered: a collective under FSDP, every process takes part),
+        or their AVERAGE, into the best folder."""
+        accelerator = self.accelerator
+        state = None if average is not None else accelerator.get_state_dict(model)
+        state = state and {key.removeprefix("_orig_mod."): value for key, value in state.items()}  # train.compile
+        if accelerator.is_main_process:
+            chosen = average if average is not None else accelerator.unwrap_model(model)
+            chosen, state = exportable(chosen, state)  # LoRA merged: the model folder needs no peft
+            save_model_dir(chosen, self.best, state_dict=state)
+        accelerator.wait_for_everyone()
