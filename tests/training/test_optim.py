@@ -10,7 +10,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from vit_hf.recipe import resolve_recipe
-from vit_hf.training.optim import make_optimizer, make_schedule
+from vit_hf.training.optim import head_lr, make_optimizer, make_schedule
 from vit_hf.utils.errors import UserError
 
 ONE_LAYER_VIT = {
@@ -141,6 +141,27 @@ def test_layer_decay_gives_each_depth_base_lr_times_decay_to_its_distance_from_t
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx(
         [group["initial_lr"] * 0.5 for group in optimizer.param_groups]
     )
+
+
+def test_with_layer_decay_each_linear_decay_ends_at_linear_end_times_its_scale_and_the_head_rate_is_logged():
+    config = ViTConfig(image_size=32, num_labels=3, **(ONE_LAYER_VIT | {"num_hidden_layers": 2}))
+    optimizer = make_optimizer(ViTForImageClassification(config), sgd(lr=0.1, layer_decay=0.5))
+    schedule = {"name": "linear", "warmup_steps": 2, "total_steps": 10, "linear_end": 0.02}
+    scheduler = make_schedule(optimizer, resolve_recipe({"schedule": schedule})["schedule"])
+    scales = [group["initial_lr"] / 0.1 for group in optimizer.param_groups]
+    assert sorted(set(scales)) == pytest.approx([0.125, 0.25, 0.5, 1.0])
+    rates, heads = [], []
+    for _ in range(10):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        heads.append(head_lr(scheduler))
+        scheduler.step()
+    final = [group["lr"] for group in optimizer.param_groups]
+    # vit_jax's linear decay, of the head's rate: from 0.1 down to linear_end, after the warmup from 0.
+    assert heads == pytest.approx([0.0, 0.05] + [0.02 + 0.08 * (1 - (s - 2) / 8) for s in range(2, 10)])
+    assert final == pytest.approx([0.02 * scale for scale in scales])
+    for group in range(len(scales)):  # no group's rate rises after the warmup (a low one used to climb to 0.02)
+        after_warmup = [step_rates[group] for step_rates in rates[2:]] + [final[group]]
+        assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:], strict=False)), group
 
 
 def test_a_layer_decay_outside_0_1_is_one_line_naming_the_field():

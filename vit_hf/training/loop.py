@@ -37,7 +37,7 @@ from vit_hf.training.checkpoint import Checkpointer, Progress, latest_checkpoint
 from vit_hf.training.ema import WeightAverage
 from vit_hf.training.evaluation import Evaluator
 from vit_hf.training.memory import find_micro_batch
-from vit_hf.training.optim import make_optimizer, make_schedule
+from vit_hf.training.optim import head_lr, make_optimizer, make_schedule
 from vit_hf.training.results import training_results
 from vit_hf.training.run_log import RunLog, UpdateWindow
 from vit_hf.training.signals import StopSignals
@@ -182,7 +182,7 @@ class FineTune:
             self.ema.update(accelerator.unwrap_model(model))
         if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
             self.progress.skipped_updates += 1
-        window.end_update(self.scheduler.get_last_lr()[0])
+        window.end_update(head_lr(self.scheduler))  # the recipe's lr times the schedule
         self.scheduler.step()
         self.progress.step += 1
         self.bar.update(1)

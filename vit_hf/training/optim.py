@@ -134,8 +134,17 @@ def vit_jax_lr_factor(step: int, schedule: dict, base_lr: float) -> float:
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, schedule: dict) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0, then cosine decay to 0 or linear decay to `linear_end` at `total_steps`."""
-    factors = [
-        functools.partial(vit_jax_lr_factor, schedule=schedule, base_lr=group["lr"]) for group in optimizer.param_groups
-    ]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    """Linear warmup from 0, then cosine decay to 0 or linear decay to `linear_end` at `total_steps`.
+
+    Every parameter group follows the same factor of its own rate, that of the head (the recipe's `optim.lr`), so
+    with layer decay a group at scale s ends the linear decay at s * linear_end: none of them rises to it.
+    """
+    head = max(group.get("initial_lr", group["lr"]) for group in optimizer.param_groups)
+    factor = functools.partial(vit_jax_lr_factor, schedule=schedule, base_lr=head)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def head_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """The head's learning rate now, the recipe's `optim.lr` times the schedule: the largest of the groups' rates
+    (layer decay only lowers the rates below the head; group 0 is the embeddings)."""
+    return max(scheduler.get_last_lr())
