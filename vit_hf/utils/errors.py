@@ -7,6 +7,8 @@ import time
 import traceback
 from collections.abc import Callable
 
+from vit_hf.utils.streams import survive_closed_output
+
 
 class UserError(Exception):
     """Bad input (a recipe, a checkpoint, a data set, an image): reported as one line, exit code 2."""
@@ -35,6 +37,7 @@ def cli_entry(main: Callable[..., object]) -> Callable[..., object]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        survive_closed_output()  # a log piped to `tee` that exits at Ctrl-C must not stop the save
         try:
             return main(*args, **kwargs)
         except (UserError, RunError) as error:

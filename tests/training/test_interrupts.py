@@ -1,0 +1,73 @@
+"""Ctrl-C and SIGTERM with the log piped to `tee`: the signal ends tee too, and the run still saves and exits 128 + N.
+
+The terminal sends Ctrl-C to the whole foreground pipeline. tee exits at once, and every later write of the run's
+progress bar or log to the pipe fails: such writes are dropped, and the run saves its checkpoint as it would
+unpiped.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from launch import offline_env
+from runs import run_here, tiny_recipe, train_rows, write_recipe
+
+TOTAL = 40
+
+
+# `accelerate launch` (one process) answers Ctrl-C itself: it exits 130 after sending SIGTERM to the whole process
+# tree, the data workers included, and SIGKILL 5 s later.
+ACCELERATE = ["-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+CASES = {
+    "ctrl-c": (signal.SIGINT, []),
+    "sigterm": (signal.SIGTERM, []),
+    "accelerate-ctrl-c": (signal.SIGINT, ACCELERATE),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_a_signal_to_a_run_piped_to_tee_saves_a_checkpoint_and_exits_128_plus_n(cifar10_dir, tmp_path, case):
+    signum, launcher = CASES[case]
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    recipe = tiny_recipe(cifar10_dir, out, schedule={"name": "cosine", "warmup_steps": 2, "total_steps": TOTAL},
+                         train={"save_every": 1000, "eval_every": 1000, "log_every": 1})  # fmt: skip
+    recipe["data"]["num_workers"] = 2  # workers must outlive the signal until the checkpoint is saved
+    command = [sys.executable, *launcher, "-m", "vit_hf.finetune", str(write_recipe(tmp_path, recipe))]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=offline_env(),
+                           process_group=0)  # fmt: skip
+    # tee in the run's process group, as a shell pipeline puts it: a signal to the group reaches both.
+    tee = subprocess.Popen(["tee", str(log)], stdin=run.stdout, stdout=subprocess.DEVNULL, process_group=run.pid)
+    run.stdout.close()
+    try:
+        deadline = time.monotonic() + 240
+        while not _updates_shown(log) >= 3 and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        assert _updates_shown(log) >= 3, log.read_text() if log.exists() else "no log"
+        os.killpg(run.pid, signum)
+        code = run.wait(timeout=240)
+    finally:
+        run.kill()
+        tee.kill()
+    assert tee.wait() == -signum  # the reader is gone: every later write of the run went to a closed pipe
+    assert code == 128 + signum
+    saved = sorted(path.name for path in (out / "checkpoints").glob("step_*"))
+    assert len(saved) == 1, saved
+    stopped_at = int(saved[0].removeprefix("step_"))
+    assert 3 <= stopped_at < TOTAL
+    assert [row["step"] for row in train_rows(out)] == list(range(1, stopped_at + 1))
+
+    results = run_here(recipe, resume="auto")  # and the run goes on from there
+    assert results["step"] == TOTAL
+    assert [row["step"] for row in train_rows(out)] == list(range(1, TOTAL + 1))
+
+
+def _updates_shown(log) -> int:
+    """The last update count the progress bar has written to the log."""
+    found = re.findall(rf"(\d+)/{TOTAL} \[", log.read_text(errors="replace")) if log.exists() else []
+    return int(found[-1]) if found else 0
