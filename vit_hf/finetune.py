@@ -16,6 +16,8 @@ and `finish` exports the best model, scores the test split and writes the card.
 
 import argparse
 
+from transformers.utils.logging import disable_progress_bar
+
 from vit_hf.recipe import load_recipe
 from vit_hf.training.loop import run
 from vit_hf.training.remote_inputs import check_remote_inputs
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a field")
     parser.add_argument("--resume", help="'auto' (the latest checkpoint in output.dir) or a checkpoint folder")
     args = parser.parse_args(argv)
+    disable_progress_bar()  # transformers' save and load bars would interleave with the training bar
     recipe = load_recipe(args.recipe, args.set)
     check_remote_inputs(recipe)  # offline, every missing input in one line before any is loaded
     run(recipe, resume=args.resume)

@@ -45,6 +45,7 @@ def reference_run(cifar10_dir, tmp_path_factory):
     out = tmp_path / "out"
     result = finetune(write_recipe(tmp_path, tiny_recipe(cifar10_dir, out)))
     assert result.returncode == 0, result.stderr[-3000:]
+    (tmp_path / "stderr.log").write_text(result.stderr)
     return out
 
 
@@ -61,6 +62,15 @@ def test_run_writes_model_recipe_results_and_counts_every_eval_sample_once(refer
     assert json.loads((out / "recipe.json").read_text())["schedule"]["total_steps"] == 6
     assert list((out / "runs").rglob("events.out.tfevents.*"))
     assert len(losses(out)) == 6
+
+
+@pytest.mark.slow
+def test_the_only_progress_bar_during_training_is_the_loops_own(reference_run):
+    """transformers' save and load bars ("Writing model shards", "Loading weights") used to interleave with the
+    training bar and leave cursor-up codes in logs."""
+    stderr = (reference_run.parent / "stderr.log").read_text()
+    assert "train: 100%" in stderr
+    assert "Writing model shards" not in stderr and "Loading weights" not in stderr and "\x1b[A" not in stderr
 
 
 @pytest.mark.slow
