@@ -54,6 +54,19 @@ def test_cifar_recipes_have_the_settings_of_the_original_experiment(name):
     assert recipe["data"]["train_split"] == "train[:98%]" and recipe["data"]["eval_split"] == "train[98%:]"
 
 
+@pytest.mark.parametrize("path", [path for path in RECIPES if path.name.startswith("cifar")], ids=lambda p: p.name)
+def test_cifar_recipes_keep_the_stored_minival_as_tfds(path):
+    # vit_jax's minival is tfds' train[98%:], the last 1,000 stored rows: these recipes name that order.
+    assert json.loads(path.read_text())["data"]["split_order"] == "stored"
+
+
+def test_splits_are_drawn_shuffled_with_seed_0_by_default():
+    data = resolve_recipe({})["data"]
+    assert (data["split_order"], data["split_seed"]) == ("shuffled", 0)
+    data = resolve_recipe({}, ["data.split_order=stored", "data.split_seed=7"])["data"]
+    assert (data["split_order"], data["split_seed"]) == ("stored", 7)
+
+
 def test_scratch_recipe_trains_a_12_layer_patch_4_vit_with_adamw():
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "cifar10_scratch.json")
     assert recipe["model"]["pretrained"] is None
@@ -114,6 +127,8 @@ def test_overrides_parse_json_values_and_fall_back_to_strings():
         ({"data": {"class_names": ["cat", "cat"]}}, [], "data.class_names: expected two or more distinct"),
         ({"data": {"class_names": ["cat"]}}, [], "data.class_names: expected two or more distinct"),
         ({"data": {"class_names": ["cat", 3]}}, [], "data.class_names: expected two or more distinct"),
+        ({"data": {"split_order": "random"}}, [], 'data.split_order: expected one of shuffled, stored, got "random"'),
+        ({"data": {"split_seed": 1.5}}, [], "data.split_seed: expected an integer, got 1.5"),
     ],
 )
 def test_bad_recipes_are_refused_naming_the_field(raw, overrides, message):

@@ -4,7 +4,8 @@
 
 Uploads model.safetensors, config.json, preprocessor_config.json, README.md (the model card, rewritten first),
 recipe.json, results.json and training_curves.png; the run's checkpoints/ and runs/ stay local. The token comes
-from HF_TOKEN or from `hf auth login`.
+from HF_TOKEN or from `hf auth login`. An upload that fails mid-way (exit 1) leaves the folder as it was: run the
+same command again.
 """
 
 import argparse

@@ -76,6 +76,10 @@ SCHEMA: dict[str, Any] = {
         # The official code selects models on a minival split carved from train; the test split is only reported.
         "eval_split": _f((str, NONE), "train[98%:]"),
         "test_split": _f((str, NONE), "test"),
+        # Percentages and row ranges of a split read whole are cut from a permutation of its rows, stratified by
+        # class and fixed by split_seed (vit_hf.data.splits); "stored": from the stored order, as tfds and datasets.
+        "split_order": _f(str, "shuffled", choices=("shuffled", "stored")),
+        "split_seed": _f(int, 0),
         # K rows of each class, drawn with train.seed, instead of the whole train split (BiT's low-data fine-tuning).
         "examples_per_class": _f((int, NONE), None, positive=True),
         "image_column": _f((str, NONE), None),

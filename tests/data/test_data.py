@@ -5,6 +5,7 @@ Reference values come from PIL, numpy, pyarrow, `datasets` itself and transforme
 
 import io
 import math
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -53,10 +54,11 @@ def cifar_source(cifar10_dir: Path, cache_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cifar(cifar_source: dict):
-    """A few thousand real CIFAR-10 images."""
+    """A few thousand real CIFAR-10 images, the first of the train split (compared with the parquet's rows)."""
     return load_splits(
-        {"dataset": cifar_source, "train_split": "train[:2000]", "eval_split": "train[2000:2500]", "test_split": None}
-    )
+        {"dataset": cifar_source, "train_split": "train[:2000]", "eval_split": "train[2000:2500]", "test_split": None,
+         "split_order": "stored"}
+    )  # fmt: skip
 
 
 def train_only(dataset: str | dict, **fields) -> dict:
@@ -107,18 +109,21 @@ def chw(image: Image.Image) -> torch.Tensor:
 CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
-def write_cifar10_archive(folder: Path, batches: dict, labels: dict) -> Path:
+def write_cifar10_archive(folder: Path, batches: dict, labels: dict, protocol: int | None = None) -> Path:
     members = {"batches.meta": {b"label_names": [name.encode() for name in CIFAR10_CLASSES], b"num_vis": 3072}}
     for name in CIFAR10_BATCHES:
         members[name] = {b"batch_label": name.encode(), b"data": batches[name], b"labels": labels[name]}
-    return write_archive(folder / "cifar-10-python.tar.gz", "cifar-10-batches-py", members)
+    return write_archive(folder / "cifar-10-python.tar.gz", "cifar-10-batches-py", members, protocol)
 
 
-def write_archive(path: Path, folder: str, members: dict[str, dict]) -> Path:
-    """A tar.gz of pickles with bytes keys, as the official CIFAR python archives."""
+def write_archive(path: Path, folder: str, members: dict[str, dict], protocol: int | None = None) -> Path:
+    """A tar.gz of pickles with bytes keys, as the official CIFAR python archives; with protocol 2, pickled as the
+    official ones (under numpy.core, numpy 1's name of numpy._core)."""
     with tarfile.open(path, "w:gz") as archive:
         for name, content in members.items():
-            data = pickle.dumps(content)
+            data = pickle.dumps(content, protocol=protocol)
+            if protocol == 2:
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
             info = tarfile.TarInfo(f"{folder}/{name}")
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
@@ -136,16 +141,26 @@ def test_cifar10_parquet_gives_columns_classes_and_name(cifar):
     assert (len(cifar.train), len(cifar.eval), cifar.test) == (2000, 500, None)
 
 
-def test_default_splits_are_the_official_minival_and_test(cifar_source):
-    splits = load_splits({"dataset": cifar_source})
+def test_default_splits_are_the_official_minival_and_test_with_the_stored_order(cifar_source):
+    splits = load_splits({"dataset": cifar_source, "split_order": "stored"})
     assert (len(splits.train), len(splits.eval), len(splits.test)) == (49_000, 1_000, 10_000)
     minival = datasets.load_dataset(**cifar_source, split="train[98%:]")
     assert splits.eval["label"][:] == minival["label"][:]
 
 
+def test_default_splits_draw_a_stratified_minival_disjoint_from_train(cifar_source):
+    splits = load_splits({"dataset": cifar_source})
+    assert (len(splits.train), len(splits.eval), len(splits.test)) == (49_000, 1_000, 10_000)
+    # CIFAR-10's train split holds 5,000 images of each class: 2% of each is 100.
+    assert np.bincount(splits.eval["label"][:], minlength=10).tolist() == [100] * 10
+    train, minival = set(stored_images(splits.train)), set(stored_images(splits.eval))
+    everything = stored_images(datasets.load_dataset(**cifar_source, split="train"))
+    assert not train & minival and train | minival == set(everything) and len(set(everything)) == 50_000
+
+
 @pytest.mark.parametrize("expression", ["train[:5000]", "train[33%:34%]", "train[:10]+test[-5:]", "test"])
 def test_split_expressions_select_the_rows_load_dataset_selects(cifar_source, expression):
-    splits = load_splits(train_only(cifar_source, train_split=expression))
+    splits = load_splits(train_only(cifar_source, train_split=expression, split_order="stored"))
     reference = datasets.load_dataset(**cifar_source, split=expression)
     assert splits.train["label"][:] == reference["label"][:]
     assert splits.eval is None and splits.test is None
@@ -158,8 +173,9 @@ def test_cifar10_archive_reads_as_the_hub_schema_with_split_expressions(tmp_path
     archive = write_cifar10_archive(tmp_path, batches, labels)
 
     splits = load_splits(
-        {"dataset": {"cifar_archive": str(archive)}, "train_split": "train[:80%]", "eval_split": "train[80%:]"}
-    )
+        {"dataset": {"cifar_archive": str(archive)}, "train_split": "train[:80%]", "eval_split": "train[80%:]",
+         "split_order": "stored"}
+    )  # fmt: skip
 
     assert (splits.image_column, splits.label_column, splits.name) == ("img", "label", "cifar-10-python.tar.gz")
     assert splits.class_names == CIFAR10_CLASSES
@@ -200,12 +216,52 @@ def test_cifar100_archive_has_fine_and_coarse_labels(tmp_path):
     assert coarse.test["coarse_label"][:] == members["test"][b"coarse_labels"]
 
 
+class _Shell:
+    """Unpickled, it would run a shell command: what a doctored archive could hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_an_archive_that_pickles_a_call_is_refused_unread(tmp_path):
+    rng = np.random.default_rng(2)
+    batches = {name: rng.integers(0, 256, (2, 3072), dtype=np.uint8) for name in CIFAR10_BATCHES}
+    labels = {name: [0, 1] for name in CIFAR10_BATCHES}
+    marker = tmp_path / "the_command_ran"
+    batches["data_batch_3"] = _Shell(f"touch {marker}")
+    archive = write_cifar10_archive(tmp_path, batches, labels)
+    message = one_line_error(lambda: load_splits(train_only({"cifar_archive": str(archive)})))
+    assert message == (
+        f"CIFAR archive cifar-10-python.tar.gz: data_batch_3 pickles {os.system.__module__}.system, which no CIFAR "
+        "batch holds: refused unread (only dicts, lists, bytes, numbers and numpy arrays are loaded)"
+    )
+    assert not marker.exists()
+
+
+def test_an_archive_pickled_as_the_official_ones_reads(tmp_path):
+    # The official archives are Python 2 pickles (protocol 2) of numpy arrays under numpy.core's names.
+    rng = np.random.default_rng(3)
+    batches = {name: rng.integers(0, 256, (2, 3072), dtype=np.uint8) for name in CIFAR10_BATCHES}
+    labels = {name: rng.integers(0, 10, 2).tolist() for name in CIFAR10_BATCHES}
+    archive = write_cifar10_archive(tmp_path, batches, labels, protocol=2)
+    with tarfile.open(archive) as opened:
+        pickled = opened.extractfile("cifar-10-batches-py/data_batch_1").read()
+    assert b"numpy.core.multiarray" in pickled and b"_reconstruct" in pickled
+    splits = load_splits(train_only({"cifar_archive": str(archive)}, split_order="stored"))
+    assert splits.train["label"][:] == sum((labels[f"data_batch_{i}"] for i in range(1, 6)), [])
+    pixels = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert torch.equal(first_batch(splits.train, "img")["pixels"], torch.from_numpy(pixels))
+
+
 def stored_images(dataset: datasets.Dataset, column: str = "img") -> list[bytes]:
     return [image["bytes"] for image in dataset.with_format("arrow")[column].to_pylist()]
 
 
 def test_examples_per_class_keeps_a_seeded_class_balanced_subset_of_train(cifar_source):
-    data = train_only(cifar_source, train_split="train[:1000]", examples_per_class=5)
+    data = train_only(cifar_source, train_split="train[:1000]", examples_per_class=5, split_order="stored")
     subset = load_splits(data, seed=1)
     assert np.bincount(subset.train["label"][:], minlength=10).tolist() == [5] * 10
     assert subset.train_subset == len(subset.train) == 50
@@ -218,7 +274,7 @@ def test_examples_per_class_keeps_a_seeded_class_balanced_subset_of_train(cifar_
 
 def test_examples_per_class_beyond_a_class_or_below_one_is_named(cifar_source):
     # train[:200] holds 12 to 26 images of each class.
-    data = train_only(cifar_source, train_split="train[:200]", examples_per_class=30)
+    data = train_only(cifar_source, train_split="train[:200]", examples_per_class=30, split_order="stored")
     one_line_error(lambda: load_splits(data), "data.examples_per_class", "30", "train[:200]")
     one_line_error(lambda: resolve_recipe({"data": {"examples_per_class": 0}}), "data.examples_per_class", "positive")
 
@@ -390,6 +446,41 @@ def test_an_undecodable_image_stops_the_loader_naming_the_row(num_workers):
     one_line_error(lambda: batch["pixels"], "row 2", "'image'", "undecodable", '(bad_images: "skip" drops such rows)')
 
 
+def folder_with_broken_files(root: Path) -> Path:
+    """An image folder of 4 PNGs in 2 classes, a file that is no image and a JPEG cut short (it opens, and fails
+    when decoded)."""
+    for i in range(4):
+        folder = root / "train" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        random_image(40, 30, i).save(folder / f"{i}.png")
+    (root / "train" / "a" / "broken.png").write_bytes(b"not an image")
+    buffer = io.BytesIO()
+    random_image(40, 30, 9).save(buffer, "JPEG")
+    (root / "train" / "b" / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return root
+
+
+@pytest.mark.parametrize("image_size", [None, 16])  # decoded whole, or cropped and resized in the workers
+def test_an_undecodable_file_of_a_folder_is_named_by_its_path_and_split(tmp_path, image_size):
+    root = folder_with_broken_files(tmp_path / "photos")
+    source = {"path": "imagefolder", "data_dir": str(root), "cache_dir": str(tmp_path / "cache")}
+    train = load_splits(train_only(source, train_split="train")).train
+    paths = [image["path"] for image in train.with_format("arrow")["image"].to_pylist()]
+    broken = {name: paths.index(str(root / "train" / name)) for name in ("a/broken.png", "b/cut.jpg")}
+    for name, row in broken.items():
+        batch = first_batch(train.select([row]), image_size=image_size)
+        message = one_line_error(lambda: batch["pixels"])  # noqa: B023 (called at once)
+        path = root / "train" / name
+        assert message.startswith(f"undecodable image {path} (split 'train', row 0), column 'image': "), message
+        assert message.endswith('(bad_images: "skip" drops such rows)')
+    # The whole split: the file that does not even open stops it, named by its row in the split.
+    batch = first_batch(train, image_size=image_size)
+    path, row = root / "train" / "a" / "broken.png", broken["a/broken.png"]
+    one_line_error(lambda: batch["pixels"], f"undecodable image {path} (split 'train', row {row})")
+    skipped = first_batch(train, image_size=image_size, bad_images="skip")
+    assert skipped["skipped_rows"].tolist() == sorted(broken.values()) and len(skipped["index"]) == 4
+
+
 def test_a_photo_past_pillows_size_limit_is_an_undecodable_row_not_a_crash():
     # Pillow's decompression bomb guard (200M pixels declared) raises at open, not an OSError.
     images = broken_dataset()
@@ -410,7 +501,7 @@ def test_a_row_without_an_image_is_named_as_such():
 
 def test_skipped_images_are_left_out_and_counted():
     batch = first_batch(broken_dataset(), bad_images="skip")
-    assert batch["index"].tolist() == [0, 1, 3]
+    assert batch["index"].tolist() == [0, 1, 3] and batch["skipped_rows"].tolist() == [2]
     assert batch["labels"].tolist() == [0, 1, 1]
     assert batch["pixels"].shape == (3, 3, 8, 8)
     assert batch["skipped"].item() == 1

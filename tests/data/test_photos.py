@@ -6,6 +6,7 @@ The photos are real CIFAR-10 test images (read with pyarrow and PIL), enlarged a
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import datasets
@@ -56,7 +57,7 @@ def test_a_folder_of_mixed_photos_trains_end_to_end_and_serves_its_folder_names(
     assert (pictures["test/attention_rollout_0"].width, pictures["test/attention_rollout_0"].height) == (64, 32)
     results = json.loads((out / "results.json").read_text())
     assert results["eval_samples"] == SPLIT_SIZES["validation"] and results["test_samples"] == SPLIT_SIZES["test"]
-    assert results["skipped_images"] == 2  # the broken file, once in each of the 2 epochs
+    assert results["skipped_images"] == 1  # the broken file, read in each of the 2 epochs, counted once
     assert results["class_names"] == list(CLASSES)
     classifier = pipeline("image-classification", model=str(out))
     predictions = classifier(Image.open(sorted((photos / "test" / "ship").iterdir())[0]).convert("RGB"), top_k=3)
@@ -65,7 +66,7 @@ def test_a_folder_of_mixed_photos_trains_end_to_end_and_serves_its_folder_names(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_an_undecodable_photo_stops_the_run_with_one_line_naming_its_row(cifar10_dir, photos, tmp_path, num_workers):
+def test_an_undecodable_photo_stops_the_run_with_one_line_naming_its_file(cifar10_dir, photos, tmp_path, num_workers):
     recipe = photo_recipe(cifar10_dir, photos, tmp_path / "out", bad_images="stop", num_workers=num_workers)
     result = finetune(tmp_path, recipe)
 
@@ -76,8 +77,44 @@ def test_an_undecodable_photo_stops_the_run_with_one_line_naming_its_row(cifar10
     row = paths.index(photos / BROKEN)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
-    pattern = rf"error: undecodable image in row {row}, column 'image': .+ \(bad_images: \"skip\" drops such rows\)"
+    where = re.escape(f"{photos / BROKEN} (split 'train', row {row})")
+    pattern = rf"error: undecodable image {where}, column 'image': .+ \(bad_images: \"skip\" drops such rows\)"
     assert re.fullmatch(pattern, errors[0]), errors[0]
+
+
+def twice_broken_recipe(cifar10_dir: Path, root: Path, out: Path) -> dict:
+    """5 epochs of 10 updates of 8 on a photo folder of 16 training rows, 2 of them broken files: each read 5 times."""
+    folder = write_photo_folder(root, cifar10_dir, broken=True)
+    sorted((folder / "train" / "cat").iterdir())[0].write_bytes(b"not a photo either")  # in place of a photo
+    recipe = photo_recipe(cifar10_dir, folder, out)
+    recipe["train"] |= {"save_every": 4, "keep_checkpoints": 5}
+    return recipe | {"schedule": {"name": "cosine", "warmup_steps": 1, "total_steps": 10}}
+
+
+@pytest.mark.slow
+def test_skipped_images_counts_each_broken_file_once_over_epochs_and_a_resume(cifar10_dir, tmp_path):
+    unbroken = twice_broken_recipe(cifar10_dir, tmp_path / "photos", tmp_path / "unbroken")
+    assert run_here(unbroken)["skipped_images"] == 2
+    progress = torch.load(
+        tmp_path / "unbroken" / "checkpoints" / "step_4" / "custom_checkpoint_0.pkl", weights_only=True
+    )
+    assert progress["skipped_images"] == 2 and len(progress["skipped_rows"]) == 2  # after 2 epochs
+    # Resumed at step 4: the 3 epochs left read the same files, already counted.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "unbroken" / "checkpoints" / "step_4", resumed / "checkpoints" / "step_4")
+    recipe = unbroken | {"output": {"dir": str(resumed)}}
+    assert run_here(recipe, resume="auto")["skipped_images"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_count_each_broken_file_once(cifar10_dir, tmp_path):
+    # Each process reads its own batches: the files are counted once over both, as over the epochs.
+    recipe = twice_broken_recipe(cifar10_dir, tmp_path / "photos", tmp_path / "out")
+    recipe["train"]["micro_batch_size"] = 4
+    result = finetune(tmp_path, recipe, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["skipped_images"] == 2
 
 
 @pytest.mark.slow

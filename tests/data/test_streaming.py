@@ -358,6 +358,30 @@ def write_webdataset(cifar10_dir: Path, folder: Path, sizes: tuple[int, ...]) ->
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def test_a_broken_webdataset_member_is_named_with_its_split_shard_and_row(cifar10_dir, tmp_path):
+    write_webdataset(cifar10_dir, tmp_path / "wds", (3, 3))
+    shard = tmp_path / "wds" / "train-00001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:  # the shard again, its second image (000004.jpg) no JPEG
+        for member, payload in members:
+            payload = b"not a JPEG" if member.name == "000004.jpg" else payload
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    source = {"path": "webdataset", "data_files": {"train": str(tmp_path / "wds" / "*.tar")}}
+    data = {"dataset": source, "train_split": "train[1:]", "eval_split": None, "test_split": None,
+            "streaming": True, "class_names": CIFAR10_NAMES}  # fmt: skip
+    splits = load_splits(data, streaming_ok=True)
+    batch = next(iter(loader(splits.train, splits, workers=0, shuffle=False)))
+    with pytest.raises(UserError) as error:
+        batch["pixels"]
+    assert str(error.value).startswith(
+        "undecodable image 000004.jpg (split 'train[1:]', shard 1, row 1), column 'jpg': "
+    ), error.value
+    skipped = next(iter(loader(splits.train, splits, workers=0, shuffle=False, bad_images="skip")))
+    assert skipped["skipped_rows"].tolist() == [SHARD_ROWS + 1] and skipped["skipped"].item() == 1
+
+
 def test_webdataset_shards_stream_with_the_class_names_of_the_recipe(cifar10_dir, tmp_path):
     shards = write_webdataset(cifar10_dir, tmp_path / "wds", (30, 20, 25))
     source = {"path": "webdataset", "data_files": {"train": str(tmp_path / "wds" / "*.tar")}}
@@ -396,7 +420,7 @@ def test_a_streamed_photo_folder_and_webdataset_shards_train_end_to_end(cifar10_
     assert "could not draw" not in result.stderr  # the end-of-run pictures read the streamed photos too
     results = json.loads((out / "results.json").read_text())
     assert (results["eval_samples"], results["test_samples"]) == (SPLIT_SIZES["validation"], SPLIT_SIZES["test"])
-    assert results["skipped_images"] == 2 and (out / "README.md").is_file()  # the broken file, each epoch
+    assert results["skipped_images"] == 1 and (out / "README.md").is_file()  # the broken file, counted once
     assert list(json.loads((out / "config.json").read_text())["id2label"].values()) == sorted(CLASSES)
 
     write_webdataset(cifar10_dir, tmp_path / "wds", (40, 30, 30))

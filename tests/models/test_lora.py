@@ -178,6 +178,24 @@ def test_resuming_from_a_checkpoint_continues_exactly(lora_run, cifar10_dir, jax
         torch.testing.assert_close(load_file(resumed / "model.safetensors")[name], tensor, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
+def test_lora_dropout_draws_on_each_process_so_another_process_count_cannot_resume(
+    lora_run, cifar10_dir, jax_reference_dir, tmp_path
+):
+    unbroken, _ = lora_run
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step_3"
+    shutil.copytree(unbroken / "checkpoints" / "step_3", checkpoint)
+    shutil.copy(checkpoint / "augment_rng_0.pt", checkpoint / "augment_rng_1.pt")  # as two processes write it
+    recipe = lora_recipe(cifar10_dir, jax_reference_dir, tmp_path / "resumed")
+    recipe["data"]["augment"] = None  # the adapters' dropout is the run's only per-process randomness
+    with pytest.raises(UserError) as refused:
+        run_here(recipe, resume="auto")
+    assert str(refused.value) == (
+        f"--resume {checkpoint}: written by 2 processes, resumed on 1 process: model.lora.dropout draws random "
+        "numbers on each process: resume it on 2 processes"
+    )
+
+
 @pytest.mark.parametrize(
     "lora, message",
     [

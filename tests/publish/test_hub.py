@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -140,7 +141,8 @@ def test_card_lists_every_field_of_the_recipe(run_dir):
     def leaves(section: dict) -> int:
         return sum(leaves(v) if isinstance(v, dict) and v else 1 for v in section.values())
 
-    assert len(rows) == leaves(RECIPE) == 34
+    assert len(rows) == leaves(RECIPE) - 1 == 33  # all but output.dir, a folder of the training machine
+    assert not any(row.startswith("| `output.") for row in rows)
     for row in (
         "| `optim.lr` | 0.03 |",
         "| `data.augment.crop_scale` | [0.05, 1.0] |",
@@ -194,6 +196,8 @@ def hub_calls(monkeypatch):
         return f"https://huggingface.co/{repo_id}"
 
     def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])  # a temporary folder: what it holds is read now
+        kwargs["contents"] = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         calls.append(("upload_folder", kwargs["repo_id"], kwargs))
         return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc")
 
@@ -208,12 +212,11 @@ def test_push_uploads_the_model_card_recipe_results_and_curves_only(run_dir, hub
 
     (create, repo_id, create_args), (upload, _, upload_args) = hub_calls
     assert (create, repo_id, create_args) == ("create_repo", "user/tiny-vit", {"private": True, "exist_ok": True})
-    assert upload == "upload_folder" and upload_args["folder_path"] == run_dir
+    assert upload == "upload_folder" and Path(upload_args["folder_path"]).parent == run_dir
     assert upload_args["commit_message"] == (
         "Upload cifar10-vit-tiny: test accuracy 95.87%, minival accuracy 96.12%, 200 steps"
     )
-    everything = [str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file()]
-    uploaded = set(filter_repo_objects(everything, allow_patterns=upload_args["allow_patterns"]))
+    uploaded = set(filter_repo_objects(list(upload_args["contents"]), allow_patterns=upload_args["allow_patterns"]))
     assert uploaded == {
         "model.safetensors",
         "config.json",
@@ -225,6 +228,35 @@ def test_push_uploads_the_model_card_recipe_results_and_curves_only(run_dir, hub
     }
     assert url == "https://huggingface.co/user/tiny-vit/commit/abc"
     assert ModelCard.load(run_dir / "README.md").data.model_name == "user/tiny-vit"
+
+
+def test_the_card_and_the_uploaded_files_name_no_folder_of_the_training_machine(run_dir, hub_calls, tmp_path):
+    machine = tmp_path / "home" / "someone"
+    recipe = json.loads((run_dir / "recipe.json").read_text())
+    files = {"train": str(machine / "data" / "train.parquet"), "test": [str(machine / "data" / "test-0.parquet")]}
+    recipe["data"]["dataset"] = {"path": "parquet", "data_files": files}
+    recipe["model"]["pretrained"] = str(machine / "models" / "tiny.npz")
+    recipe["output"]["dir"] = str(run_dir)
+    (run_dir / "recipe.json").write_text(json.dumps(recipe))
+    results = json.loads((run_dir / "results.json").read_text()) | {"base_model": recipe["model"]["pretrained"]}
+    (run_dir / "results.json").write_text(json.dumps(results))
+
+    push_to_hub(run_dir, "user/tiny-vit")
+
+    contents = hub_calls[-1][2]["contents"]
+    published = json.loads(contents["recipe.json"])
+    assert published["data"]["dataset"] == {
+        "path": "parquet",
+        "data_files": {"train": "train.parquet", "test": ["test-0.parquet"]},
+    }
+    assert published["model"]["pretrained"] == "tiny.npz" and "output" not in published
+    assert json.loads(contents["results.json"])["base_model"] == "tiny.npz"
+    card = contents["README.md"].decode()
+    assert "| `data.dataset.data_files.train` | train.parquet |" in card and "checkpoint `tiny.npz`" in card
+    for name in ("recipe.json", "results.json", "README.md"):
+        assert str(tmp_path) not in contents[name].decode(), name
+    # The run's own recipe keeps what a resume reads.
+    assert json.loads((run_dir / "recipe.json").read_text()) == recipe
 
 
 def test_push_cli_prints_where_it_pushed(capsys, run_dir, hub_calls):

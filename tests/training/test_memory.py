@@ -11,8 +11,10 @@ from runs import losses, tiny_recipe, weights, write_recipe
 from transformers import ViTForImageClassification
 
 from vit_hf.recipe import resolve_recipe
-from vit_hf.training.loop import run
+from vit_hf.training import memory
+from vit_hf.training.loop import FineTune, run
 from vit_hf.training.memory import micro_batch_candidates
+from vit_hf.utils.errors import UserError
 
 # Imported by every Python process that has its folder on PYTHONPATH: a device with room for LIMIT images, where
 # LIMIT may differ per process rank.
@@ -111,3 +113,56 @@ def test_gradient_checkpointing_reaches_the_weights_of_the_run_without_it(cifar1
     a, b = weights(tmp_path / "plain" / "checkpoints" / "step_6"), weights(tmp_path / "ckpt" / "checkpoints" / "step_6")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.fixture
+def measured(monkeypatch) -> list[tuple[torch.nn.Module, int, int]]:
+    """The trial steps of the search, as (model, micro-batch, peak bytes)."""
+    trials, measure = [], memory.step_peak
+
+    def step_peak(model, recipe, accelerator, size):
+        trials.append((model, size, measure(model, recipe, accelerator, size)))
+        return trials[-1][2]
+
+    monkeypatch.setattr(memory, "step_peak", step_peak)
+    return trials
+
+
+def auto_setup(cifar10_dir, out, monkeypatch, free: float, **train) -> FineTune:
+    """The run's set-up with train.micro_batch_size "auto" on a device with FREE bytes free."""
+    monkeypatch.setattr(memory, "free_memory", lambda accelerator: int(free))
+    sections = {"data": {"eval_split": None, "test_split": None}}
+    recipe = tiny_recipe(cifar10_dir, out, train={"micro_batch_size": "auto", "report_to": [], **train}, **sections)
+    return FineTune(resolve_recipe(recipe))
+
+
+@pytest.mark.slow
+def test_auto_measures_the_model_as_it_trains_so_gradient_checkpointing_lowers_the_peak(
+    cifar10_dir, tmp_path, monkeypatch, measured
+):
+    plain = auto_setup(cifar10_dir, tmp_path / "plain", monkeypatch, free=1e12)
+    [(model, size, plain_peak)] = measured
+    assert model is plain.model and size == 32  # the prepared model; the whole per-process batch fits
+    measured.clear()
+    auto_setup(cifar10_dir, tmp_path / "ckpt", monkeypatch, free=1e12, gradient_checkpointing=True)
+    [(_, _, checkpointed_peak)] = measured
+    assert checkpointed_peak < 0.9 * plain_peak
+
+    # Free memory where the checkpointed step of 32 fits, headroom kept, and the plain one does not.
+    free = (plain_peak + checkpointed_peak) / 2 / (1 - memory.HEADROOM)
+    measured.clear()
+    narrow = auto_setup(cifar10_dir, tmp_path / "narrow", monkeypatch, free=free)
+    assert [size for _, size, _ in measured] == [32, 16]
+    assert (narrow.cfg["micro_batch_size"], narrow.accumulation) == (16, 2)
+    checkpointed = auto_setup(cifar10_dir, tmp_path / "ckpt2", monkeypatch, free=free, gradient_checkpointing=True)
+    assert (checkpointed.cfg["micro_batch_size"], checkpointed.accumulation) == (32, 1)
+
+
+@pytest.mark.slow
+def test_when_nothing_fits_the_advice_is_what_the_search_did_not_try(cifar10_dir, tmp_path, monkeypatch):
+    with pytest.raises(UserError) as refused:
+        auto_setup(cifar10_dir, tmp_path / "out", monkeypatch, free=1, gradient_checkpointing=True)
+    assert str(refused.value) == (
+        'train.micro_batch_size: "auto" found no micro-batch that fits (not even 1 image of 32 px, keeping 10% of '
+        "the free memory spare); try a smaller model"
+    )

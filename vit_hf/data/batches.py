@@ -58,6 +58,8 @@ class Collate:
     crop_scale: Sequence[float] | None
     hflip: bool
     seed: int
+    split: str | None = None  # the split's expression, for the errors
+    shard_rows: int | None = None  # a stream's row indices are shard * shard_rows + row in the shard
 
     def __call__(self, rows: list[tuple[int, int, int, dict]]) -> dict:
         try:
@@ -66,15 +68,17 @@ class Collate:
             return FailedBatch(error=str(error))
 
     def _batch(self, rows: list[tuple[int, int, int, dict]]) -> dict:
+        # (row, epoch, label, the file's path or None, the opened image); the path names a broken file.
         opened = [
-            (row, epoch, label, self._read(row, functools.partial(open_image, image)))
+            (row, epoch, label, path, self._read(row, path, functools.partial(open_image, image)))
             for row, epoch, label, image in rows
+            for path in [_path(image)]
         ]
-        opened = [entry for entry in opened if entry[3] is not None]
+        opened = [entry for entry in opened if entry[4] is not None]
         sizes = {image.size for *_, image in opened}  # as the image is seen: EXIF orientation applied
         if len(sizes) > 1 and self.image_size is None:
             first_row, *_, first = opened[0]
-            odd_row, *_, odd = next(entry for entry in opened if entry[3].size != first.size)
+            odd_row, *_, odd = next(entry for entry in opened if entry[4].size != first.size)
             raise UserError(
                 f"images of different sizes in one batch: row {first_row} is {size_text(first)}, row {odd_row} is "
                 f"{size_text(odd)} (width x height); set image_size to resize them"
@@ -84,10 +88,13 @@ class Collate:
         if prepared:
             arrays = self._prepare(opened)
         else:
-            arrays = [self._read(row, functools.partial(upright_pixels, image)) for row, *_, image in opened]
+            arrays = [
+                self._read(row, path, functools.partial(upright_pixels, image)) for row, _, _, path, image in opened
+            ]
         kept = [
-            (row, label, array) for (row, _, label, _), array in zip(opened, arrays, strict=True) if array is not None
+            (row, label, array) for (row, _, label, *_), array in zip(opened, arrays, strict=True) if array is not None
         ]
+        read = {row for row, _, _ in kept}
         height, width = kept[0][2].shape[:2] if kept else (size or 0, size or 0)
         pixels = np.empty((len(kept), 3, height, width), dtype=np.uint8)
         for i, (*_, array) in enumerate(kept):
@@ -98,22 +105,34 @@ class Collate:
             "labels": torch.tensor([label for _, label, _ in kept], dtype=torch.int64),
             "index": torch.tensor([row for row, _, _ in kept], dtype=torch.int64),
             "skipped": torch.tensor(len(rows) - len(kept), dtype=torch.int64),
+            # The rows skipped, so that a run counts each broken image once however many epochs read it.
+            "skipped_rows": torch.tensor([row for row, *_ in rows if row not in read], dtype=torch.int64),
             "prepared": prepared,
         }
 
-    def _read(self, row: int, read: Callable[[], _T]) -> _T | None:
-        """read(), or None for an undecodable image if bad_images is "skip" (else a UserError naming the row)."""
+    def _read(self, row: int, path: str | None, read: Callable[[], _T]) -> _T | None:
+        """read(), or None for an undecodable image if bad_images is "skip" (else a UserError naming the file where
+        the row has a path, the split and the row)."""
         try:
             return read()
         except Exception as error:  # PIL raises many kinds of error on a broken file
             if self.bad_images == "skip":
                 return None
+            where = f"{path} ({self._place(row)})" if path else f"in {self._place(row)}"
             raise UserError(
-                f"undecodable image in row {row}, column {self.image_column!r}: {one_line(error)} "
+                f"undecodable image {where}, column {self.image_column!r}: {one_line(error)} "
                 '(bad_images: "skip" drops such rows)'
             ) from error
 
-    def _prepare(self, opened: list[tuple[int, int, int, OpenedImage]]) -> list[np.ndarray | None]:
+    def _place(self, row: int) -> str:
+        """Where a row is: "split 'train[:98%]', row 7" (a stream's: "..., shard 2, row 7")."""
+        parts = [] if self.split is None else [f"split {self.split!r}"]
+        if self.shard_rows:
+            parts.append(f"shard {row // self.shard_rows}")
+            row %= self.shard_rows
+        return ", ".join([*parts, f"row {row}"])
+
+    def _prepare(self, opened: list[tuple[int, int, int, str | None, OpenedImage]]) -> list[np.ndarray | None]:
         """Each image as an (S, S, 3) uint8 view (None: undecodable, skipped): a crop box of the original image
         resized to S = image_size, and flipped at random.
 
@@ -134,11 +153,11 @@ class Collate:
         else:
             boxes = crop_boxes(attempts, offsets, heights, widths, self.crop_scale)
         return [
-            self._crop(row, image, box.tolist(), self.hflip and bool(flip))
-            for (row, *_, image), box, flip in zip(opened, boxes, flips, strict=True)
+            self._crop(row, path, image, box.tolist(), self.hflip and bool(flip))
+            for (row, _, _, path, image), box, flip in zip(opened, boxes, flips, strict=True)
         ]
 
-    def _crop(self, row: int, opened: OpenedImage, box: list[float], flip: bool) -> np.ndarray | None:
+    def _crop(self, row: int, path: str | None, opened: OpenedImage, box: list[float], flip: bool) -> np.ndarray | None:
         """The box (top, left, height, width) of the image as seen, resized to image_size and flipped if `flip`.
 
         The box is cut from the stored pixels where it lies there, and the small result oriented afterwards, so that
@@ -150,7 +169,7 @@ class Collate:
         swap, flip_rows, flip_columns = opened.orientation
         top, left, box_height, box_width = stored_box(box, opened.orientation, opened.size)
         region = (left, top, left + box_width, top + box_height)
-        decoded = self._read(row, functools.partial(decoded_box, opened, region, self.image_size))
+        decoded = self._read(row, path, functools.partial(decoded_box, opened, region, self.image_size))
         if decoded is None:
             return None
         resized = resize_box(*decoded, self.image_size)
@@ -158,6 +177,11 @@ class Collate:
         # with the batch size.
         opened.image.close()
         return oriented(resized, (swap, flip_rows, flip_columns != flip))
+
+
+def _path(image: dict | None) -> str | None:
+    """The file a row's image was read from (an image folder's file, a webdataset member), if the row names one."""
+    return image.get("path") if isinstance(image, dict) else None
 
 
 def _row_generator(seed: int, epoch: int, row: int) -> torch.Generator:

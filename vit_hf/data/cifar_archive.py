@@ -1,5 +1,6 @@
 """The original CIFAR-10/100 python archives (`data.dataset: {"cifar_archive": ...}`), read into the Hub's schema."""
 
+import importlib
 import io
 import pickle
 import tarfile
@@ -31,6 +32,42 @@ CIFAR_LAYOUTS = {
 }
 
 
+# What the CIFAR batches pickle besides dicts, lists, bytes and numbers: numpy arrays. The official archives (Python
+# 2) name numpy.core, which numpy 2 calls numpy._core; Python 3's protocol 2 pickles bytes through _codecs.encode,
+# and protocol 5 arrays through _frombuffer.
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names something a CIFAR batch never holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that loads only what a CIFAR batch holds: a pickle can call any function it names, so a
+    doctored archive could run code as it is read; anything outside _ALLOWED_GLOBALS is refused before it is looked
+    up, let alone called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        if module.startswith("numpy.core."):
+            try:  # numpy 2's name for it: numpy.core warns that it is deprecated
+                return getattr(importlib.import_module(module.replace("numpy.core.", "numpy._core.")), name)
+            except ImportError:
+                pass
+        return getattr(importlib.import_module(module), name)
+
+
 def read_cifar_archive(path: Path) -> datasets.DatasetDict:
     """The train and test splits of an original CIFAR-10/100 python archive, in the schema of the Hub's copies."""
     if not path.is_file():
@@ -47,8 +84,14 @@ def read_cifar_archive(path: Path) -> datasets.DatasetDict:
                 raise UserError(f"CIFAR archive {path.name} lacks {', '.join(missing)}")
 
             def unpickle(name: str) -> dict:
-                # The official archives are pickles with bytes keys: only read archives from a trusted source.
-                return pickle.load(archive.extractfile(members[name]), encoding="bytes")
+                # The official archives are Python 2 pickles with bytes keys.
+                try:
+                    return _CifarUnpickler(archive.extractfile(members[name]), encoding="bytes").load()
+                except _RefusedGlobal as error:
+                    raise UserError(
+                        f"CIFAR archive {path.name}: {name} pickles {error}, which no CIFAR batch holds: refused "
+                        "unread (only dicts, lists, bytes, numbers and numpy arrays are loaded)"
+                    ) from error
 
             meta = unpickle(meta_name)
             batches = {split: [unpickle(name) for name in layout[split]] for split in ("train", "test")}

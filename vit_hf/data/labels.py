@@ -98,3 +98,8 @@ def class_balanced(
             )
         chosen.append(rng.choice(rows, per_class, replace=False))
     return dataset.select(np.sort(np.concatenate(chosen)))
+
+
+def missing_classes(dataset: datasets.Dataset, column: str, num_classes: int) -> list[int]:
+    """The labels of 0..num_classes-1 that no row of DATASET has."""
+    return sorted(set(range(num_classes)) - set(pc.unique(dataset.with_format("arrow")[column]).to_pylist()))

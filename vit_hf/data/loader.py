@@ -8,6 +8,7 @@ model's input, or of mixed sizes) are cropped from the original and resized in t
 (`vit_hf.data.photos`), so that image_size uint8 batches cross to the device.
 """
 
+import signal
 from collections.abc import Sequence
 
 import datasets
@@ -72,6 +73,14 @@ class _Rows(torch.utils.data.Dataset):
         return [(row, epoch, label, image) for (row, epoch), label, image in zip(pairs, labels, images, strict=True)]
 
 
+def leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A worker ignores Ctrl-C and SIGTERM: the main process decides, saves its checkpoint while the workers still
+    serve it, and ends them. (`accelerate launch` sends SIGTERM to the whole process tree at Ctrl-C; a worker that
+    died of it would fail the update the checkpoint waits for.) A worker still ends with its main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: datasets.Dataset,
     image_column: str,
@@ -87,17 +96,20 @@ def make_loader(
     crop_scale: Sequence[float] | None = None,
     hflip: bool = False,
 ) -> DataLoader:
-    """A DataLoader of uint8 batches {"pixels", "labels", "index", "skipped", "prepared"}, for DeviceTransform.
+    """A DataLoader of uint8 batches {"pixels", "labels", "index", "skipped", "skipped_rows", "prepared"}, for
+    DeviceTransform.
 
     Epoch e's shuffle and its random crops depend on (seed, e) only; `set_epoch` chooses e. Undecodable images stop
-    the loader with an error naming the row (bad_images="stop") or are left out of their batch and counted in
-    "skipped" (bad_images="skip"); an error is raised where the batch is read. Batches of images larger than
+    the loader with an error naming the file (where the row has a path), the split and the row (bad_images="stop"),
+    or are left out of their batch, counted in "skipped" and listed in "skipped_rows" (bad_images="skip"); an error
+    is raised where the batch is read. Batches of images larger than
     `image_size`, or of mixed sizes, are brought to image_size in the workers ("prepared": see `Collate`): the
     whole image resized, or with crop_scale a random crop of it (and a random flip if hflip), as the training
     DeviceTransform with these settings would do.
     """
     if bad_images not in ("stop", "skip"):
         raise UserError(f'bad_images must be "stop" or "skip", not {bad_images!r}')
+    split = str(dataset.split) if dataset.split is not None else None  # `select_split` names it by its expression
     missing = [column for column in (image_column, label_column) if column not in dataset.column_names]
     if missing:
         raise UserError(f"data set has no column {missing[0]!r} (columns: {', '.join(dataset.column_names)})")
@@ -108,11 +120,12 @@ def make_loader(
         batch_size=batch_size,
         sampler=_EpochSampler(len(rows), shuffle, seed),
         num_workers=num_workers,
-        collate_fn=Collate(image_column, bad_images, image_size, crop_scale, hflip, seed),
+        collate_fn=Collate(image_column, bad_images, image_size, crop_scale, hflip, seed, split),
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=leave_signals_to_the_main_process,
         # The workers' base seed comes from here, not from the global RNG that dropout uses and checkpoints save.
         generator=torch.Generator().manual_seed(seed),
     )

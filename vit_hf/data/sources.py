@@ -2,6 +2,7 @@
 keyword arguments or a CIFAR archive, read whole or streamed."""
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import datasets
@@ -9,13 +10,14 @@ import datasets
 # Its functions called through the module: benchmarks/stream_class_mix.py swaps shard_folder_streams there.
 from vit_hf.data import streaming
 from vit_hf.data.cifar_archive import read_cifar_archive
-from vit_hf.data.labels import check_labels, class_balanced, find_columns
-from vit_hf.data.messages import one_line
-from vit_hf.data.splits import select_split
+from vit_hf.data.labels import check_labels, class_balanced, find_columns, missing_classes
+from vit_hf.data.messages import listed, one_line
+from vit_hf.data.splits import RowOrder, select_split
 from vit_hf.data.streaming import StreamSplit
 from vit_hf.recipe import SPLIT_FIELDS, section_defaults
 from vit_hf.utils.errors import UserError
 
+logger = logging.getLogger(__name__)
 HUB_NAMES = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100"}
 LOCAL_FILES_HINT = (
     'point the recipe\'s data.dataset at local files, e.g. {"path": "parquet", "data_files": {"train": ..., '
@@ -45,23 +47,28 @@ class DataSplits:
 def load_splits(data: dict, seed: int = 0, streaming_ok: bool = False) -> DataSplits:
     """Load the data set of a recipe's `data` section and cut its train, minival and test splits.
 
-    With data.examples_per_class K, the train split keeps K rows of each class, drawn with `seed` (the recipe's
-    train.seed). With data.streaming (only where the caller reads streams: STREAMING_OK), the splits are streamed.
+    Percentages and row ranges are cut from a stratified permutation that data.split_seed fixes, or with
+    data.split_order "stored" from the stored order (`vit_hf.data.splits`). With data.examples_per_class K, the
+    train split keeps K rows of each class, drawn with `seed` (the recipe's train.seed). With data.streaming (only
+    where the caller reads streams: STREAMING_OK), the splits are streamed.
     """
     data = section_defaults("data") | data
     if data["streaming"]:
         return _stream_splits(data, streaming_ok)
     source, name = _load_source(data["dataset"])
     image_column, label_column, class_names = find_columns(source, data, name)
+    order = RowOrder(data["split_order"], data["split_seed"], label_column)
     splits = {}
     for split, field in SPLIT_FIELDS.items():
         expression = data[field]
         if expression is None:
             splits[split] = None
             continue
-        dataset = select_split(source, expression, name, field)
+        dataset = select_split(source, expression, name, field, order)
         check_labels(dataset, label_column, len(class_names), f"{name}, {field} {expression!r}")
         splits[split] = dataset
+    if splits["eval"] is not None:
+        _check_minival(splits["eval"], label_column, class_names, name, data)
     train_subset = None
     if data["examples_per_class"] is not None and splits["train"] is not None:
         where = f"data set {name!r}, train_split {data['train_split']!r}"
@@ -77,6 +84,22 @@ def load_splits(data: dict, seed: int = 0, streaming_ok: bool = False) -> DataSp
         name=name,
         train_subset=train_subset,
     )
+
+
+def _check_minival(dataset: datasets.Dataset, column: str, class_names: list[str], name: str, data: dict) -> None:
+    """Refuse a minival that lacks classes of the data set: the model kept as the best would be chosen on the
+    classes it holds only. With data.split_order "stored", asked for explicitly, only warn."""
+    missing = [class_names[label] for label in missing_classes(dataset, column, len(class_names))]
+    if not missing:
+        return
+    problem = (
+        f"data.eval_split {data['eval_split']!r} of data set {name!r} holds {len(class_names) - len(missing)} of its "
+        f"{len(class_names)} classes (none of {listed(missing)}), so the best model would be chosen on those only"
+    )
+    if data["split_order"] == "stored":
+        logger.warning('%s (data.split_order is "stored")', problem)
+        return
+    raise UserError(f"{problem}: choose a minival that holds every class (a larger slice, or another split)")
 
 
 def _stream_splits(data: dict, streaming_ok: bool) -> DataSplits:

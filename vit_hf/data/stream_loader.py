@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vit_hf.data.batches import Collate, FailedBatch
+from vit_hf.data.loader import leave_signals_to_the_main_process
 from vit_hf.data.streaming import StreamSplit
 from vit_hf.utils.errors import UserError
 
@@ -175,6 +176,7 @@ class StreamLoader:
             collate_fn=self.collate,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if workers else None,
+            worker_init_fn=leave_signals_to_the_main_process,
             # New workers each epoch take the epoch and the position along; the last batch of a lane may be short.
             persistent_workers=False,
             drop_last=False,
@@ -224,6 +226,7 @@ class StreamLoader:
             "labels": torch.zeros(1, dtype=torch.int64, device=self.device),
             "index": torch.full((1,), -1, dtype=torch.int64, device=self.device),
             "skipped": torch.zeros((), dtype=torch.int64, device=self.device),
+            "skipped_rows": torch.zeros((0,), dtype=torch.int64, device=self.device),
             "prepared": True,
         }
 
@@ -292,6 +295,9 @@ def make_stream_loader(
     rows = _StreamRows(split, [image_column, label_column], plan, process_index, num_processes, shuffle, seed,
                        shuffle_buffer)  # fmt: skip
     collate = _StreamCollate(
-        Collate(image_column, bad_images, image_size, crop_scale, hflip, seed), label_column, num_classes, split.field
+        Collate(image_column, bad_images, image_size, crop_scale, hflip, seed, split.expression, SHARD_ROWS),
+        label_column,
+        num_classes,
+        split.field,
     )
     return StreamLoader(split, rows, batch_size, collate, num_workers, device, even, image_size)

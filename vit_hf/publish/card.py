@@ -5,6 +5,7 @@ the base checkpoint, data and splits, every field of the resolved recipe, steps,
 training curves (training_curves.png, from the run's train_log.jsonl and eval_log.jsonl) and how to use the model.
 """
 
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from vit_hf.publish.charts import Series, line_charts
 from vit_hf.recipe import SPLIT_FIELDS
 from vit_hf.training.run_log import read_run_scalars
 from vit_hf.utils.errors import UserError
+from vit_hf.utils.files import atomic_file
 
 CARD = "README.md"
 CURVES = "training_curves.png"
@@ -68,8 +70,62 @@ def plot_training_curves(scalars: dict[str, list[tuple[int, float]]], path: str 
         for split, style in EVAL_STYLES.items():
             if f"{split}/{metric}" in scalars:
                 series.append(Series(scalars[f"{split}/{metric}"], **style))
-    line_charts([("loss", loss), ("accuracy", accuracy)], x_label="step").savefig(path, format="png")
+    with atomic_file(path) as staging:  # a kill or a full disk leaves the earlier picture, never half of one
+        line_charts([("loss", loss), ("accuracy", accuracy)], x_label="step").savefig(staging, format="png")
     return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What is published
+
+
+def _public_path(value: str) -> str:
+    """A local file's or folder's base name; a URL, a Hub name or a catalog name as it is."""
+    if "://" in value or not (Path(value).is_absolute() or Path(value).exists()):
+        return value
+    return Path(value).name
+
+
+def _file_names(files: object) -> object:
+    """`data_files` (a path, a list, or lists by split) with each file by its base name (URLs as they are)."""
+    if isinstance(files, dict):
+        return {split: _file_names(value) for split, value in files.items()}
+    if isinstance(files, list):
+        return [_file_names(value) for value in files]
+    return files if not isinstance(files, str) or "://" in files else Path(files).name
+
+
+def public_recipe(recipe: dict) -> dict:
+    """RECIPE as the card and the uploaded recipe.json show it: data files and local paths by their base names, and
+    no output.dir, so that nothing names the training machine's folders. The run's recipe.json keeps them: a
+    resume reads it."""
+    recipe = copy.deepcopy(recipe)
+    if "output" in recipe:
+        recipe["output"].pop("dir", None)
+        if not recipe["output"]:
+            del recipe["output"]
+    model, data = recipe.get("model") or {}, recipe.get("data") or {}
+    if isinstance(model.get("pretrained"), str):
+        model["pretrained"] = _public_path(model["pretrained"])
+    dataset = data.get("dataset")
+    if isinstance(dataset, str):
+        data["dataset"] = _public_path(dataset)
+    elif isinstance(dataset, dict):
+        for key in ("path", "data_dir", "cifar_archive"):
+            if isinstance(dataset.get(key), str):
+                dataset[key] = _public_path(dataset[key])
+        if "data_files" in dataset:
+            dataset["data_files"] = _file_names(dataset["data_files"])
+    return recipe
+
+
+def public_results(results: dict) -> dict:
+    """RESULTS as the card and the uploaded results.json show them: the base model and data set by base name."""
+    results = dict(results)
+    for key in ("base_model", "dataset"):
+        if isinstance(results.get(key), str):
+            results[key] = _public_path(results[key])
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,7 +318,8 @@ def _training_lines(recipe: dict, results: dict) -> list[str]:
         f"- {results['step']:,} optimizer steps of {recipe['train']['global_batch_size']} images: "
         f"{results['images_seen']:,} training images seen.",
         f"- Hardware: {results['hardware']} ({processes} process{'es' if processes != 1 else ''}), mixed precision "
-        f"{results['mixed_precision']}; {_duration(results['wall_seconds'])} wall time, "
+        f"{results['mixed_precision']}{', compiled' if results.get('compiled') else ''}; "
+        f"{_duration(results['wall_seconds'])} wall time, "
         f"{results['train_samples_per_second']:,.0f} training images per second.",
     ]
 
@@ -290,11 +347,12 @@ def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None)
     MODEL_ID, when given, is the Hub repository the usage example loads from.
     """
     output_dir = Path(output_dir)
-    recipe = read_run_json(output_dir / "recipe.json")
-    results = read_run_json(output_dir / "results.json")
+    recipe = public_recipe(read_run_json(output_dir / "recipe.json"))
+    results = public_results(read_run_json(output_dir / "results.json"))
     curves = plot_training_curves(read_run_scalars(output_dir), output_dir / CURVES)
     data = _card_data(recipe, results, model_id or recipe["name"])
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_text(recipe, results, model_id, curves is not None)}")
     path = output_dir / CARD
-    card.save(path)
+    with atomic_file(path) as staging:
+        card.save(staging)
     return path

@@ -34,7 +34,14 @@ def make_accelerator(recipe: dict) -> Accelerator:
     """
     cfg, out = recipe["train"], recipe["output"]["dir"]
     cpu_processes = gloo_on_cpu()
-    processes = PartialState(cpu=cpu_processes, **restart_store()).num_processes
+    state = PartialState(cpu=cpu_processes, **restart_store())
+    if cfg["mixed_precision"] == "fp16" and state.device.type == "cpu":
+        # Accelerate gives the CPU neither fp16 autocast nor a gradient scaler: the run would be float32 labelled fp16.
+        raise UserError(
+            'train.mixed_precision: "fp16" needs a GPU (on the CPU Accelerate runs it as float32, without a gradient '
+            'scaler); use "bf16", which the CPU autocasts, or "no"'
+        )
+    processes = state.num_processes
     accumulation = 1 if cfg["micro_batch_size"] == "auto" else accumulation_steps(recipe, processes)
     accelerator = Accelerator(
         cpu=cpu_processes,

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 
+import torch
 from accelerate import Accelerator
 
 from vit_hf.data.loader import make_loader
@@ -87,3 +88,20 @@ def _epoch_micro_batches(loader, progress: Progress, accelerator: Accelerator, b
             yield batch
         progress.epoch += 1
         progress.batches_in_epoch = progress.samples_in_epoch = 0
+
+
+def window_weights(batches: list[dict], accelerator: Accelerator) -> list[float | torch.Tensor]:
+    """The weight of each micro-batch's mean loss in its update, where images may be missing.
+
+    The update's gradient is the sum of the per-sample losses over the window's images on every process, divided by
+    their count N. The backward divides each micro-batch's loss by the accumulation A and the processes P average
+    their gradients, so a micro-batch of n images weighs n * P * A / N: 1 where every micro-batch is full, 0 where
+    all its images were skipped. N takes a collective on several processes, which never waits for the device.
+    """
+    rows = [batch["labels"].shape[0] for batch in batches]  # shapes: known without reading the device
+    shares = accelerator.num_processes * len(batches)
+    if accelerator.num_processes == 1:
+        return [n * shares / max(sum(rows), 1) for n in rows]
+    count = torch.tensor([float(sum(rows))], device=accelerator.device)
+    total = accelerator.reduce(count, "sum").clamp(min=1)[0]  # a window without images: zero gradients
+    return [n * shares / total for n in rows]

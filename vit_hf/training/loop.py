@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,16 +33,19 @@ from vit_hf.models.stochastic_depth import add_stochastic_depth
 from vit_hf.publish.run_export import RunExport
 from vit_hf.recipe import accumulation_steps
 from vit_hf.training.accelerator import local_part, make_accelerator
-from vit_hf.training.batches import make_loaders, micro_batches
+from vit_hf.training.batches import make_loaders, micro_batches, window_weights
 from vit_hf.training.checkpoint import Checkpointer, Progress, latest_checkpoint, resolve_resume
+from vit_hf.training.disk_full import disk_full_stops
 from vit_hf.training.ema import WeightAverage
 from vit_hf.training.evaluation import Evaluator
 from vit_hf.training.memory import find_micro_batch
 from vit_hf.training.optim import head_lr, make_optimizer, make_schedule
 from vit_hf.training.results import training_results
+from vit_hf.training.run_folder import claim_run_folder, main_decides, release_run_folder
 from vit_hf.training.run_log import RunLog, UpdateWindow
 from vit_hf.training.signals import StopSignals
 from vit_hf.utils.errors import RunError
+from vit_hf.utils.fault_points import fault_point
 from vit_hf.utils.files import write_json
 
 
@@ -55,10 +59,14 @@ class FineTune:
         self.out = Path(recipe["output"]["dir"])
         self.accelerator = accelerator = make_accelerator(recipe)
         self.accumulation = accelerator.gradient_accumulation_steps  # set again where the micro-batch is "auto"
-        resume_path = resolve_resume(self.out / "checkpoints", resume)
+        claim_run_folder(accelerator, self.out)  # one run a folder, before anything reads or writes it
+        resume_path = main_decides(accelerator, lambda: resolve_resume(self.out / "checkpoints", resume))
         set_seed(self.cfg["seed"])
-        model = self._build_model(resume_path)
-        train_loader, eval_loaders = self._prepare(model)
+        self._prepare_model(self._build_model())
+        self.auto_micro_batch = self.cfg["micro_batch_size"] == "auto"
+        if self.auto_micro_batch:  # measured on the model as it trains: extras on, wrapped, its average in memory
+            self._choose_micro_batch(resume_path)
+        train_loader, eval_loaders = self._prepare_loaders()
         # The augmentations' own generator on the device, one stream per process, saved in every checkpoint.
         seed = self.cfg["seed"] * 1_000_003 + accelerator.process_index
         generator = torch.Generator(accelerator.device).manual_seed(seed)
@@ -80,62 +88,59 @@ class FineTune:
             train_loader, self.progress, accelerator, self.cfg["micro_batch_size"], self.splits.streaming
         )
         self.window = UpdateWindow(accelerator.device)
+        self.uneven = recipe["data"]["bad_images"] == "skip" or self.splits.streaming  # micro-batches may be short
         self.max_norm = recipe["optim"]["max_grad_norm"] or math.inf
 
-    def _build_model(self, resume_path: Path | None) -> torch.nn.Module:
-        """The data set's splits, and the recipe's model on its classes: adapters, drop path, checkpointing, and the
-        micro-batch found on it with "auto"."""
+    def _build_model(self) -> torch.nn.Module:
+        """The data set's splits, and the recipe's model on its classes: adapters, drop path, checkpointing."""
         recipe = self.recipe
         with self.accelerator.local_main_process_first():  # downloads land in a cache local to each machine
             self.splits = load_splits(recipe["data"], seed=self.cfg["seed"], streaming_ok=True)
             model = build_model(recipe["model"], self.splits.class_names)
         if recipe["model"]["lora"] is not None:  # before stochastic depth: its hooks go on the adapted layers
             model = add_lora(model, recipe["model"]["lora"])
-        self.auto_micro_batch = self.cfg["micro_batch_size"] == "auto"
-        if self.auto_micro_batch:
-            self._choose_micro_batch(model, resume_path)
         if recipe["model"]["drop_path"]:
             add_stochastic_depth(model, recipe["model"]["drop_path"])
         if self.cfg["gradient_checkpointing"]:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    def _choose_micro_batch(self, model: torch.nn.Module, resume_path: Path | None) -> None:
-        """`train.micro_batch_size: "auto"`: the first run's choice (in its recipe.json) on resume, else the largest
-        that fits now; the accumulation follows, so the global batch is unchanged."""
-        saved = self.out / "recipe.json"
-        if resume_path is not None and saved.is_file():
-            micro = json.loads(saved.read_text())["train"]["micro_batch_size"]
-        else:
-            micro = find_micro_batch(model, self.recipe, self.accelerator)
-        self.cfg["micro_batch_size"] = micro
-        self.accumulation = accumulation_steps(self.recipe, self.accelerator.num_processes)
-        self.accelerator.gradient_accumulation_steps = self.accumulation
-        self.accelerator.print(f"micro-batch {micro} x {self.accumulation} accumulation steps (auto)")
-
-    def _prepare(self, model: torch.nn.Module) -> tuple:
-        """Model, optimizer, schedule and loaders through `accelerator.prepare`, and the state every checkpoint holds
-        besides them (`Progress`, the weight average, a stream's position); the training and evaluation loaders."""
+    def _prepare_model(self, model: torch.nn.Module) -> None:
+        """Model, optimizer and schedule through `accelerator.prepare`, and the state every checkpoint holds besides
+        them (`Progress`, the weight average)."""
         accelerator = self.accelerator
-        train_loader, eval_loaders = make_loaders(self.recipe, self.splits, accelerator)
         optimizer = make_optimizer(model, self.recipe["optim"])
         scheduler = make_schedule(optimizer, self.recipe["schedule"])
-        if self.splits.streaming:  # streams split themselves across the processes (vit_hf.data.streaming), unprepared
-            self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        else:
-            self.model, self.optimizer, train_loader, self.scheduler = accelerator.prepare(
-                model, optimizer, train_loader, scheduler
-            )
-            eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.progress)
         self.ema = None
         if self.cfg["ema_decay"] is not None:
             self.ema = WeightAverage(accelerator.unwrap_model(self.model), self.cfg["ema_decay"])
             accelerator.register_for_checkpointing(self.ema)
-        if self.splits.streaming:  # every process's stream position (the Progress data counters stay 0)
-            accelerator.register_for_checkpointing(train_loader)
-        return train_loader, eval_loaders
+
+    def _choose_micro_batch(self, resume_path: Path | None) -> None:
+        """`train.micro_batch_size: "auto"`: the first run's choice (in its recipe.json) on resume, else the largest
+        that fits now; the accumulation follows, so the global batch is unchanged."""
+        saved = self.out / "recipe.json"
+        if resume_path is not None and saved.is_file():
+            micro = json.loads(saved.read_text())["train"]["micro_batch_size"]
+        else:
+            micro = find_micro_batch(self.model, self.recipe, self.accelerator)
+        self.cfg["micro_batch_size"] = micro
+        self.accumulation = accumulation_steps(self.recipe, self.accelerator.num_processes)
+        self.accelerator.gradient_accumulation_steps = self.accumulation
+        self.accelerator.print(f"micro-batch {micro} x {self.accumulation} accumulation steps (auto)")
+
+    def _prepare_loaders(self) -> tuple:
+        """The training loader and the evaluation loaders, through `accelerator.prepare` (a stream's position is
+        saved in every checkpoint too)."""
+        accelerator = self.accelerator
+        train_loader, eval_loaders = make_loaders(self.recipe, self.splits, accelerator)
+        if self.splits.streaming:  # streams split themselves across the processes (vit_hf.data.streaming), unprepared
+            accelerator.register_for_checkpointing(train_loader)  # every process's position (Progress's stays 0)
+            return train_loader, eval_loaders
+        return accelerator.prepare(train_loader), {name: accelerator.prepare(dl) for name, dl in eval_loaders.items()}
 
     # ---- Train ---------------------------------------------------------------------------------------------
 
@@ -157,27 +162,23 @@ class FineTune:
         self.train_seconds = time.perf_counter() - self.train_started
 
     def update(self) -> None:
-        """One optimizer update: `accumulation` micro-batches, clipping on the last, then the schedule.
+        """One optimizer update: `accumulation` micro-batches, clipping on the last, then the schedule. The gradient
+        is the mean over the images the window holds on every process, however many were skipped (`_window`).
 
         The loss, the gradient norm and the flags stay on the device until the next log step: in float32 and bf16
         nothing here makes the host wait for the device. In fp16 the gradient scaler does, once an update: its step
         reads the overflow flag to skip the optimizer step (which `optimizer_step_was_skipped` then reports).
         """
         accelerator, model, window = self.accelerator, self.model, self.window
-        for _ in range(self.accumulation):
-            waited = time.perf_counter()
-            batch = next(self.stream)
-            window.data_seconds += time.perf_counter() - waited
+        for batch, weight in self._window():
             with accelerator.accumulate(model):
-                images, targets = self.inputs(batch)
-                logits = model(pixel_values=images).logits.float()
-                loss = self.inputs.loss(logits, targets)
+                loss = self._micro_loss(batch) * weight
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     window.grad_norm = local_part(accelerator.clip_grad_norm_(model.parameters(), self.max_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            window.add_micro(loss.detach(), batch["skipped"])
+            window.add_micro(loss.detach(), batch["skipped_rows"])
         if self.ema is not None:
             self.ema.update(accelerator.unwrap_model(model))
         if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
@@ -187,9 +188,33 @@ class FineTune:
         self.progress.step += 1
         self.bar.update(1)
 
+    def _window(self) -> Iterator[tuple[dict, float | torch.Tensor]]:
+        """The update's micro-batches with their weights. Where images may be missing (bad_images "skip", a stream)
+        the whole window is read first: each weight depends on the count of the window's images (`window_weights`)."""
+        batches = []
+        for _ in range(self.accumulation):
+            waited = time.perf_counter()
+            batches.append(next(self.stream))
+            self.window.data_seconds += time.perf_counter() - waited
+            if not self.uneven:  # every micro-batch full: each weighs 1
+                yield batches.pop(), 1.0
+        if self.uneven:
+            yield from zip(batches, window_weights(batches, self.accelerator), strict=True)
+
+    def _micro_loss(self, batch: dict) -> torch.Tensor:
+        """The mean training loss of a micro-batch. One whose images were all skipped runs a blank image, weighted 0
+        by `window_weights`: every process still runs the forward and backward that DDP and FSDP synchronise."""
+        if batch["labels"].shape[0] == 0:
+            size = self.recipe["model"]["image_size"]
+            blank = torch.zeros(1, 3, size, size, device=self.accelerator.device)
+            return self.model(pixel_values=blank).logits.float().sum() * 0.0
+        images, targets = self.inputs(batch)
+        return self.inputs.loss(self.model(pixel_values=images).logits.float(), targets)
+
     def at_boundary(self, last: bool) -> None:
         """After an update: log, evaluate, save and stop where the recipe or a signal asks, and stop on a NaN."""
         step, cfg = self.progress.step, self.cfg
+        fault_point("update", step)
         log_now = step % cfg["log_every"] == 0 or last
         save_now = step % cfg["save_every"] == 0
         eval_now = self.evaluator.has_minival and (step % cfg["eval_every"] == 0 or last)
@@ -197,7 +222,7 @@ class FineTune:
         if not (log_now or save_now or eval_now or stop_requested):
             return
         report = self.window.reduce(self.accelerator, cfg["global_batch_size"])
-        self.progress.skipped_images += report["skipped_images"]
+        self.progress.add_skipped(report["skipped_rows"])
         if report["nonfinite"]:
             raise RunError(
                 f"the training loss became NaN or infinite by step {step}; the last good checkpoint is "
@@ -249,6 +274,11 @@ class FineTune:
 
 def run(recipe: dict, resume: str | None = None) -> dict:
     """Train as RECIPE says; returns the results (also written to output.dir/results.json)."""
-    job = FineTune(recipe, resume)
-    job.train()
-    return job.finish()
+    out = Path(recipe["output"]["dir"])
+    try:
+        with disk_full_stops(out):
+            job = FineTune(recipe, resume)
+            job.train()
+            return job.finish()
+    finally:
+        release_run_folder(out)

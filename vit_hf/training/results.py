@@ -6,6 +6,7 @@ import time
 import psutil
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DynamoBackend
 
 from vit_hf.data.sources import DataSplits
 from vit_hf.training.accelerator import hardware, local_part
@@ -51,12 +52,21 @@ def training_results(
         "micro_batch_size_auto": micro_batch_auto,
         "accumulation_steps": accelerator.gradient_accumulation_steps,
         "hardware": hardware(accelerator),
-        "mixed_precision": cfg["mixed_precision"],
+        **ran_as(accelerator),
         "base_model": recipe["model"]["pretrained"],
         "dataset": splits.name,
         "train_examples": None if splits.streaming else len(splits.train),  # a stream has no length
         "examples_per_class": recipe["data"]["examples_per_class"],
         "class_names": splits.class_names,
+    }
+
+
+def ran_as(accelerator: Accelerator) -> dict:
+    """The precision and compilation the run had: Accelerate's, which its launch settings can change (a DeepSpeed
+    config's precision, `accelerate launch --dynamo_backend` where the recipe's train.compile is false)."""
+    return {
+        "mixed_precision": accelerator.mixed_precision,
+        "compiled": accelerator.state.dynamo_plugin.backend != DynamoBackend.NO,
     }
 
 

@@ -9,9 +9,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from vit_hf.utils.errors import UserError
+from vit_hf.utils.fault_points import fault_point
+from vit_hf.utils.files import write_text
 
 TRAIN_LOG = "train_log.jsonl"
 EVAL_LOG = "eval_log.jsonl"
+# The minival scores of the training weights, logged as the run trains; the exported model's scores (eval_exported,
+# test) are logged by the finish, which a resume of a finished or half-finished run does again.
+TRAINING_SPLITS = ("eval", "eval_ema")
 
 
 class UpdateWindow:
@@ -29,13 +37,17 @@ class UpdateWindow:
         self.lrs: list[float] = []
         self.micro: list[torch.Tensor] = []
         self.skipped = torch.zeros((), device=self.device, dtype=torch.long)
+        self.skipped_rows: list[torch.Tensor] = []
         self.nonfinite = torch.zeros((), device=self.device, dtype=torch.bool)
         self.data_seconds = 0.0
         self.started = time.perf_counter()
 
-    def add_micro(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
+    def add_micro(self, loss: torch.Tensor, skipped_rows: torch.Tensor) -> None:
+        """A micro-batch's loss and the rows its loader skipped (bad_images "skip"): their count is known here."""
         self.micro.append(loss)
-        self.skipped += skipped.to(self.device, non_blocking=True)
+        if skipped_rows.numel():
+            self.skipped += skipped_rows.numel()
+            self.skipped_rows.append(skipped_rows)
         self.nonfinite |= ~torch.isfinite(loss)
 
     def end_update(self, lr: float) -> None:
@@ -55,6 +67,8 @@ class UpdateWindow:
             "losses": [v / accelerator.num_processes for v in values[:n]],
             "nonfinite": values[n] > 0 or not all(math.isfinite(v) for v in values[:n]),
             "skipped_images": int(values[n + 1]),
+            # Which rows, of every process: a broken image is read again each epoch, and counted once.
+            "skipped_rows": self._all_skipped_rows(accelerator) if values[n + 1] else [],
             "grad_norms": torch.stack(self.grad_norms).tolist(),
             "lrs": self.lrs,
             "lr": self.lrs[-1],
@@ -64,17 +78,43 @@ class UpdateWindow:
         self._reset()
         return report
 
+    def _all_skipped_rows(self, accelerator: Accelerator) -> list[int]:
+        """The rows skipped in the window on any process (a collective: every process calls it, or none)."""
+        rows = torch.cat(self.skipped_rows).tolist() if self.skipped_rows else []
+        return sorted(set(gather_object(rows) if accelerator.num_processes > 1 else rows))
+
 
 def _append(path: Path, rows: list[dict]) -> None:
     with open(path, "a") as file:
         file.write("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a jsonl log at PATH (none where it is absent). A torn last line, from a kill or a full disk in the
+    middle of a write, is left out; a damaged line elsewhere is a one-line UserError."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise UserError(f"{path}, line {number}: not a JSON row: the log is damaged") from None
+    return rows
+
+
 def _truncate(path: Path, last_step: int) -> None:
-    """Drop the rows after LAST_STEP: a resumed run redoes them."""
+    """Drop the rows after LAST_STEP, which a resumed run redoes, the exported model's scores, which its finish
+    logs again, and a torn last line; atomically."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
+        rows = [
+            row
+            for row in read_rows(path)
+            if row["step"] <= last_step and ("split" not in row or row["split"] in TRAINING_SPLITS)
+        ]
+        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 class RunLog:
@@ -103,11 +143,13 @@ class RunLog:
         self.accelerator.log({f"train/{key}": value for key, value in speed.items()}, step=rows[-1]["step"])
         rows[-1] |= speed | {"time": time.time()}
         _append(self.out / TRAIN_LOG, rows)
+        fault_point("logged")
 
     def eval(self, split: str, step: int, accuracy: float, loss: float) -> None:
         self.accelerator.log({f"{split}/accuracy": accuracy, f"{split}/loss": loss}, step=step)
         if self.is_main:
             _append(self.out / EVAL_LOG, [{"step": step, "split": split, "accuracy": accuracy, "loss": loss}])
+            fault_point(f"logged {split}")
 
 
 def read_run_scalars(out: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -118,8 +160,7 @@ def read_run_scalars(out: str | Path) -> dict[str, list[tuple[int, float]]]:
         path = Path(out) / name
         if not path.exists():
             continue
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
+        for row in read_rows(path):
             prefix = row.get("split", "train")
             for tag in tags:
                 series.setdefault(f"{prefix}/{tag}", {})[row["step"]] = row[tag]

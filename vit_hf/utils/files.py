@@ -7,10 +7,17 @@ when complete, so a crash, a kill or a full disk leaves the earlier version (or 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from vit_hf.utils.fault_points import fault_point
+
+# The names of this module's temporaries, and of a checkpoint's staging and retired folders: `.NAME.tmp-XXXXXXXX`
+# (with the file's suffix), `.NAME.old-XXXXXXXX`, `.files.tmp-XXXXXXXX`, `.step_N.tmp`.
+LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)(-\w+)?(\.\w+)?$")
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -56,6 +63,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside PATH (same suffix, so writers that infer the format still work) that replaces
     PATH only if the block completes."""
     path = Path(path)
+    fault_point(f"write {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -63,6 +71,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         fsync_path(staging)
+        fault_point(f"replace {path.name}")
         os.replace(staging, path)
         fsync_path(path.parent)
     finally:
@@ -88,6 +97,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     A failure or a kill leaves OUT_DIR as it was (a stale `.tmp-*` sibling at worst), never half-written.
     """
     out_dir = Path(out_dir)
+    fault_point(f"write {out_dir.name}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _as_open_would(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent)))
     try:
@@ -96,6 +106,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         if out_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(retired / out_dir.name)
+            fault_point(f"replace {out_dir.name}")  # the moment OUT_DIR is missing: `clear_leftovers` puts it back
             staging.rename(out_dir)
             shutil.rmtree(retired)
         else:
@@ -116,6 +127,7 @@ def atomic_files_into(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         _settle_tree(staging)
+        fault_point("replace files")
         for path in staging.iterdir():
             os.replace(path, out_dir / path.name)
         fsync_path(out_dir)
@@ -131,3 +143,29 @@ def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def clear_leftovers(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporaries that a killed writer left in FOLDER (not below it); the names removed.
+
+    A kill between the two renames of `atomic_dir` leaves the earlier folder retired and its place empty: it is put
+    back. Only the one process that holds the folder (see training.run_folder) may call this.
+    """
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        match = LEFTOVER.match(path.name)
+        if match is None:
+            continue
+        retired = path / match["name"]
+        if match["kind"] == "old" and retired.exists() and not (folder / match["name"]).exists():
+            retired.rename(folder / match["name"])
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path.name)
+    if removed:
+        fsync_path(folder)
+    return removed
