@@ -25,10 +25,11 @@ import pytest
 import torch
 from conftest import in_ci
 from launch import free_port, offline_env
-from runs import finetune, tiny_recipe, train_rows, weights, write_recipe
+from runs import finetune, run_here, tiny_recipe, train_rows, weights, write_recipe
 
 from vit_hf.training.checkpoint_files import checkpoint_damage, write_manifest
 from vit_hf.training.run_log import read_rows
+from vit_hf.utils.errors import UserError
 from vit_hf.utils.files import clear_leftovers
 
 SECTIONS = {
@@ -535,3 +536,12 @@ def test_a_push_that_loses_its_connection_mid_way_keeps_the_folder_and_can_be_re
     assert FakeHub.committed["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert FakeHub.committed["README.md"] == (out / "README.md").read_bytes()
     assert set(FakeHub.committed) >= {"config.json", "preprocessor_config.json", "recipe.json", "results.json"}
+
+
+def test_a_run_stopped_by_bad_data_after_taking_the_folder_leaves_no_folder_behind(cifar10_dir, tmp_path):
+    out = tmp_path / "out"
+    recipe = tiny_recipe(cifar10_dir, out)
+    recipe["data"]["dataset"] = {"path": str(tmp_path / "no_such_folder")}
+    with pytest.raises(UserError, match="no_such_folder"):
+        run_here(recipe)
+    assert not out.exists()

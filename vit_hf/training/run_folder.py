@@ -23,6 +23,7 @@ LOCK = "run.lock"
 # A dead holder's forked children (data workers) share its lock until they notice it died: wait for them that long.
 ORPHAN_WAIT_SECONDS = 10.0
 _held: dict[Path, int] = {}  # folder -> the lock file's descriptor, for a second run in the same process
+_created: set[Path] = set()  # the folders a lock made: a run that wrote nothing else leaves none behind
 
 
 def main_decides(accelerator: Accelerator, decide: Callable[[], object]) -> object:
@@ -61,6 +62,8 @@ def _alive(pid: str, host: str) -> bool:
 
 def _lock(folder: Path) -> None:
     """Take FOLDER's lock for this process, or a one-line UserError naming the live holder."""
+    if not folder.exists():
+        _created.add(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -101,7 +104,17 @@ def claim_run_folder(accelerator: Accelerator, folder: Path) -> None:
 
 
 def release_run_folder(folder: Path) -> None:
-    """Let FOLDER go before this process ends (a test's second run in the same process)."""
-    fd = _held.pop(folder.resolve(), None)
-    if fd is not None:
+    """Let FOLDER go before this process ends (a test's second run in the same process); where the run wrote nothing
+    else (it stopped on bad input), its lock file goes too, and the folder if the lock made it."""
+    folder = folder.resolve()
+    fd = _held.pop(folder, None)
+    if fd is None:
+        return
+    try:
+        if [path.name for path in folder.iterdir()] == [LOCK]:
+            (folder / LOCK).unlink()
+            if folder in _created:
+                folder.rmdir()
+    finally:
+        _created.discard(folder)
         os.close(fd)
