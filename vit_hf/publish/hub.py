@@ -39,9 +39,10 @@ def files_to_upload(output_dir: str | os.PathLike) -> list[str]:
 
 @contextlib.contextmanager
 def published_folder(output_dir: Path, files: list[str]) -> Iterator[Path]:
-    """The FILES of OUTPUT_DIR as the Hub gets them, in a temporary folder beside them (hard links where it can):
-    recipe.json and results.json without the machine's paths (`public_recipe`); the run's own stay as they are."""
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".push-") as folder:
+    """The FILES of OUTPUT_DIR as the Hub gets them, in a temporary folder of the system's (hard links where it can):
+    recipe.json and results.json without the machine's paths (`public_recipe`); the run's own stay as they are. A
+    push killed mid-way leaves nothing in the run's folder."""
+    with tempfile.TemporaryDirectory(prefix="vit_hf-push-") as folder:
         folder = Path(folder)
         for name in files:
             link_or_copy(output_dir / name, folder / name)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -102,14 +103,22 @@ def measured_peak(device: torch.device) -> Iterator[Peak]:
     result.bytes = torch.accelerator.max_memory_allocated(device) - start
 
 
+def _unsynchronised(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync`: each process tries its sizes alone, its trial gradients zeroed after. Not FSDP's: it would
+    keep the unsharded trial gradients for the next synchronised backward, the run's first update; under FSDP every
+    process tries the same sizes in step, as the all-gathers of its forward need anyway."""
+    ddp = getattr(model, "_orig_mod", model)  # train.compile wraps the DDP module
+    return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext()
+
+
 def step_peak(model: torch.nn.Module, recipe: dict, accelerator: Accelerator, size: int) -> int:
     """The peak memory (bytes) of one training step of the prepared MODEL at micro-batch SIZE, which leaves its
     weights as they were: the optimizer is the recipe's with a learning rate of 0, so it allocates its state but
-    every update adds exactly zero; gradients are not synchronised (processes try their sizes independently)."""
+    every update adds exactly zero."""
     image_size = recipe["model"]["image_size"]
     optimizer = make_optimizer(accelerator.unwrap_model(model), recipe["optim"] | {"lr": 0.0})
     try:
-        with measured_peak(accelerator.device) as peak, accelerator.no_sync(model):
+        with measured_peak(accelerator.device) as peak, _unsynchronised(model):
             images = torch.zeros(size, 3, image_size, image_size, device=accelerator.device)
             labels = torch.zeros(size, dtype=torch.long, device=accelerator.device)
             with accelerator.autocast():
