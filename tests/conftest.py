@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from launch import in_ci
 
 # Tests never reach the network: the Hub and data-set libraries must work from local files.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -18,11 +19,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VIT_HF_SHARED", REPO_ROOT.parent / "shared"))
 CIFAR10_DIR = SHARED / "data" / "cifar10"
 JAX_REFERENCE_DIR = SHARED / "fixtures" / "vit_jax_reference"
-
-
-def in_ci() -> bool:
-    """Whether this is a CI run: the CI variable that CI services and .ci/run set, "true" or "1"."""
-    return os.environ.get("CI", "").strip().lower() in ("true", "1")
 
 
 def _require(path: Path) -> Path:

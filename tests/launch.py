@@ -9,6 +9,11 @@ import sys
 import pytest
 
 
+def in_ci() -> bool:
+    """Whether this is a CI run: the CI variable that CI services and .ci/run set, "true" or "1"."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
 def offline_env() -> dict:
     """The environment of a test process: no Hub, one thread a process (two processes share 2 cores)."""
     return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -358,7 +358,7 @@ def test_a_missing_shared_folder_fails_in_ci_and_skips_elsewhere(tmp_path, ci, f
     [("true", True), ("TRUE", True), ("True", True), ("1", True), ("false", False), ("0", False), ("", False)],
 )
 def test_the_ci_variable_is_read_as_ci_services_set_it(monkeypatch, value, ci):
-    from conftest import in_ci
+    from launch import in_ci
 
     monkeypatch.setenv("CI", value)
     assert in_ci() is ci

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import in_ci
-from launch import free_port, offline_env
+from launch import free_port, in_ci, offline_env
 from runs import finetune, run_here, tiny_recipe, train_rows, weights, write_recipe
 
 from vit_hf.training.checkpoint_files import checkpoint_damage, write_manifest

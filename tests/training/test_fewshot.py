@@ -42,7 +42,8 @@ def model_dir(tmp_path_factory) -> Path:
 def recipe(cifar10_dir, tmp_path_factory) -> Path:
     files = {"train": str(cifar10_dir / "train.parquet"), "test": str(cifar10_dir / "test.parquet")}
     data = {"dataset": {"path": "parquet", "data_files": files}, "train_split": f"train[:{TRAIN_ROWS}]",
-            "eval_split": None, "test_split": f"test[:{TEST_ROWS}]", "num_workers": 0}  # fmt: skip
+            "eval_split": None, "test_split": f"test[:{TEST_ROWS}]", "num_workers": 0,
+            "split_order": "stored"}  # the independent reference reads the first rows  # fmt: skip
     path = tmp_path_factory.mktemp("recipe") / "fewshot.json"
     path.write_text(json.dumps({"data": data, "train": {"eval_batch_size": 64}}))
     return path
