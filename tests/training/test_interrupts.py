@@ -71,3 +71,22 @@ def _updates_shown(log) -> int:
     """The last update count the progress bar has written to the log."""
     found = re.findall(rf"(\d+)/{TOTAL} \[", log.read_text(errors="replace")) if log.exists() else []
     return int(found[-1]) if found else 0
+
+
+EXITS_WITH_A_LOADER_OPEN = """
+import torch
+from torch.utils.data import DataLoader
+from vit_hf.data.loader import leave_signals_to_the_main_process
+
+loader = DataLoader(list(range(10_000)), batch_size=4, num_workers=2, prefetch_factor=4, persistent_workers=True,
+                    worker_init_fn=leave_signals_to_the_main_process)
+batches = iter(loader)
+next(batches)
+"""
+
+
+def test_a_process_ends_though_its_workers_ignore_sigterm_and_a_loader_is_still_open():
+    """multiprocessing ends daemonic children at exit with SIGTERM and waits for them: the workers, which ignore it
+    (so that a launcher's SIGTERM does not end them before the checkpoint), must still end."""
+    result = subprocess.run([sys.executable, "-c", EXITS_WITH_A_LOADER_OPEN], env=offline_env(), timeout=120)
+    assert result.returncode == 0

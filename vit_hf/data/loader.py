@@ -8,6 +8,8 @@ model's input, or of mixed sizes) are cropped from the original and resized in t
 (`vit_hf.data.photos`), so that image_size uint8 batches cross to the device.
 """
 
+import atexit
+import multiprocessing
 import signal
 from collections.abc import Sequence
 
@@ -79,6 +81,18 @@ def leave_signals_to_the_main_process(worker_id: int) -> None:
     died of it would fail the update the checkpoint waits for.) A worker still ends with its main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _end_workers_at_exit() -> None:
+    """At exit multiprocessing ends its daemonic children with SIGTERM, which the workers ignore, and would wait for
+    them forever: end them with SIGKILL first (they only read data)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
+atexit.register(_end_workers_at_exit)  # after multiprocessing's own, so it runs before it
 
 
 def make_loader(
