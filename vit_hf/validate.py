@@ -6,7 +6,8 @@
 
 Writes validate.json and confusion_matrix.png into --out (default: the model folder). Runs on any number of
 processes, as the fine-tuning loop does; every sample of the split is counted exactly once. A recipe with
-data.streaming reads the split as a stream (a split name or absolute rows, `test[:1000]`).
+data.streaming reads the split as a stream (a split name or absolute rows, `test[:1000]`). MODEL_DIR may be an ONNX
+folder (python -m vit_hf.onnx): the same arguments, the same outputs.
 """
 
 import argparse
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from transformers.utils.logging import disable_progress_bar
 
-from vit_hf.publish.model_dir import check_model_dir
-from vit_hf.recipe import SPLIT_FIELDS, load_recipe, section_defaults
+from vit_hf.recipe import SPLIT_FIELDS, load_recipe, resolve_recipe, section_defaults
+from vit_hf.serving.backends import check_folder
 from vit_hf.training.validation import validate
 from vit_hf.utils.errors import UserError, cli_entry
 
@@ -54,7 +55,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vit_hf.validate", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="a model folder (the output of a fine-tuning run or of vit_hf.convert)")
     parser.add_argument("--recipe", help="a recipe whose data section names the data set")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field (of the defaults without --recipe)",
+    )
     parser.add_argument(
         "--split",
         help="a split expression (test, train[98%%:], test[:1000]); with --recipe, train, eval and test name the "
@@ -73,10 +80,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     disable_progress_bar()
-    if args.set and not args.recipe:
-        raise UserError("--set overrides fields of a recipe: give --recipe too")
-    model_dir = check_model_dir(args.model_dir)
-    recipe = load_recipe(args.recipe, args.set) if args.recipe else None
+    model_dir = check_folder(args.model_dir)
+    # Without --recipe, --set overrides the defaults (data.split_order=stored, say).
+    recipe = load_recipe(args.recipe, args.set) if args.recipe else resolve_recipe({}, args.set) if args.set else None
     data, split = data_section(args, recipe)
     batch_size = (
         args.batch_size if args.batch_size is not None else (recipe["train"]["eval_batch_size"] if recipe else 128)

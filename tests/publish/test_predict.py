@@ -1,6 +1,7 @@
 """The inference CLI: batched top-k predictions as JSON lines, checked against the official model's logits."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -124,3 +125,55 @@ def test_a_folder_that_is_not_a_model_is_a_one_line_error(capsys, cifar_jpegs, t
     assert (
         err == f"error: {tmp_path}: not a model folder (no config.json, preprocessor_config.json, model.safetensors)\n"
     )
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir, cifar_jpegs, tmp_path_factory):
+    """model_dir exported by `python -m vit_hf.onnx`, checked on the real CIFAR-10 JPEGs."""
+    from vit_hf.onnx import main as export
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    export([str(model_dir), str(out), "--images", str(cifar_jpegs)])
+    return out
+
+
+@pytest.mark.slow
+def test_an_onnx_folder_gives_the_lines_of_its_pytorch_folder(capsys, model_dir, onnx_dir, cifar_jpegs):
+    code, torch_lines, _ = _predict(capsys, model_dir, cifar_jpegs, "--top-k", "3", "--batch-size", "4")
+    onnx_code, onnx_lines, err = _predict(capsys, onnx_dir, cifar_jpegs, "--top-k", "3", "--batch-size", "4")
+
+    assert code == onnx_code == 0 and err == ""
+    assert len(onnx_lines) == 6
+    for torch_line, onnx_line in zip(torch_lines, onnx_lines, strict=True):
+        assert onnx_line.keys() == torch_line.keys() == {"image", "predictions"}
+        assert onnx_line["image"] == torch_line["image"]
+        assert [p["label"] for p in onnx_line["predictions"]] == [p["label"] for p in torch_line["predictions"]]
+        np.testing.assert_allclose(
+            [p["score"] for p in onnx_line["predictions"]], [p["score"] for p in torch_line["predictions"]], atol=1e-5
+        )
+
+
+@pytest.mark.slow
+def test_an_onnx_file_that_does_not_match_its_config_is_one_line(capsys, onnx_dir, cifar_jpegs, tmp_path):
+    folder = tmp_path / "edited"
+    shutil.copytree(onnx_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"image_size": 64}))
+
+    code, lines, err = _predict(capsys, folder, cifar_jpegs)
+
+    assert code == 2 and lines == []
+    assert err == f"error: {folder}/model.onnx: takes 3x32x32 images, but config.json has image_size 64 (3x64x64)\n"
+
+
+def test_skip_bad_reports_a_broken_file_on_its_line_and_goes_on(capsys, model_dir, cifar_jpegs, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    first, second = sorted(cifar_jpegs.glob("*.jpg"))[:2]
+
+    code, lines, err = _predict(capsys, model_dir, first, broken, second, "--skip-bad", "--top-k", "2")
+
+    assert code == 0 and err == ""
+    assert [line["image"] for line in lines] == [str(first), str(broken), str(second)]
+    assert lines[1] == {"image": str(broken), "error": "not a readable image file"}
+    assert len(lines[0]["predictions"]) == len(lines[2]["predictions"]) == 2

@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -41,8 +42,10 @@ def _dataset(cifar10_dir: Path) -> dict:
 
 
 def _args(model: Path, cifar10_dir: Path, out: Path) -> list[str]:
+    # The independent figures are of the first ROWS stored rows: the split in stored order, not shuffled.
     return [str(model), "--dataset", json.dumps(_dataset(cifar10_dir)), "--split", f"test[:{ROWS}]",
-            "--batch-size", "64", "--num-workers", "0", "--out", str(out)]  # fmt: skip
+            "--set", "data.split_order=stored", "--batch-size", "64", "--num-workers", "0",
+            "--out", str(out)]  # fmt: skip
 
 
 def _validate(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
@@ -150,7 +153,8 @@ def test_a_streamed_split_on_two_processes_gives_the_independent_figures(expecte
 
 
 def test_recipe_names_the_data_set_and_its_splits(model_dir, cifar10_dir, tmp_path):
-    recipe = {"data": {"dataset": _dataset(cifar10_dir), "test_split": f"test[:{ROWS}]", "num_workers": 0}}
+    recipe = {"data": {"dataset": _dataset(cifar10_dir), "test_split": f"test[:{ROWS}]", "num_workers": 0,
+                       "split_order": "stored"}}  # fmt: skip
     recipe_path = tmp_path / "recipe.json"
     recipe_path.write_text(json.dumps(recipe))
     main([str(model_dir), "--recipe", str(recipe_path), "--split", "test", "--set", "train.eval_batch_size=100",
@@ -182,3 +186,42 @@ def test_class_names_must_match_the_data_set(jax_reference_dir, cifar10_dir, tmp
     message = _error(_args(model, cifar10_dir, tmp_path / "report"), capsys)
     assert "airplane, automobile, bird, dog, deer, cat" in message
     assert "airplane, automobile, bird, cat, deer, dog" in message and "'cifar10'" in message
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir, tmp_path_factory) -> Path:
+    """model_dir exported by `python -m vit_hf.onnx` (fp32, checked on sample images)."""
+    from vit_hf.onnx import main as export
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    export([str(model_dir), str(out)])
+    return out
+
+
+@pytest.mark.slow
+def test_an_onnx_folder_gives_the_report_of_its_pytorch_folder(one_process, onnx_dir, cifar10_dir, tmp_path):
+    out = tmp_path / "report"
+    result = _validate(_args(onnx_dir, cifar10_dir, out))
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "validate.json").read_text())
+    single = json.loads((one_process[1] / "validate.json").read_text())
+    assert report.keys() == single.keys()
+    assert report["model"] == str(onnx_dir)
+    for key in ("accuracy", "top5_accuracy", "samples", "per_class", "split", "dataset", "num_processes"):
+        assert report[key] == single[key], key
+    assert report["loss"] == pytest.approx(single["loss"], abs=1e-5)
+    assert sorted(path.name for path in out.iterdir()) == ["confusion_matrix.png", "validate.json"]
+
+
+@pytest.mark.slow
+def test_an_onnx_file_that_does_not_match_its_config_is_one_line_error(onnx_dir, cifar10_dir, tmp_path, capsys):
+    folder = tmp_path / "edited"
+    shutil.copytree(onnx_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {"0": "cat", "1": "dog"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    message = _error(_args(folder, cifar10_dir, tmp_path / "report"), capsys)
+
+    assert message == f"error: {folder}/model.onnx: gives 10 classes, but config.json's id2label has 2\n"

@@ -16,7 +16,7 @@ from vit_hf.data.loader import make_loader
 from vit_hf.data.sources import load_splits
 from vit_hf.data.stream_loader import make_stream_loader
 from vit_hf.data.transforms import DeviceTransform
-from vit_hf.publish.model_dir import load_model_dir
+from vit_hf.serving.onnx_module import load_classifier
 from vit_hf.training.accelerator import gloo_on_cpu
 from vit_hf.training.evaluation import evaluate_split
 from vit_hf.utils.errors import UserError
@@ -128,7 +128,7 @@ def validate(
             splits = load_splits(data, streaming_ok=True)
         except UserError as error:
             raise UserError(str(error).replace("test_split", "split", 1)) from None
-        model = load_model_dir(model_dir)
+        model = load_classifier(model_dir)  # a PyTorch or an ONNX folder
     check_classes(model, model_dir, splits.class_names, splits.name)
     image_size = model.config.image_size
     options = {"num_workers": num_workers, "bad_images": data.get("bad_images", "stop"), "image_size": image_size}

@@ -1,0 +1,1 @@
+"""The serving tests: ONNX export, backends, predict on photos, the demo page."""
