@@ -2,7 +2,6 @@
 calls its /predict; the rollout for an ONNX folder comes from --attention-model; a taken port is one line."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launch import free_port, offline_env, one_line_error
+from launch import free_port, in_ci, offline_env, one_line_error
 from transformers import AutoImageProcessor, ViTForImageClassification
 from transformers.image_utils import load_image
 
@@ -78,7 +77,7 @@ def _browser():
         missing.append("selenium (pip install -e '.[dev]')")
     if missing:
         why = f"no browser to drive: {', '.join(missing)} missing (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+        if in_ci():
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
     options = webdriver.ChromeOptions()
