@@ -52,6 +52,17 @@ def run_module(
     )
 
 
+def run_in_process(main, args, capsys) -> tuple[int, str, str]:
+    """A CLI `main` run in this process: its exit code, stdout and stderr."""
+    try:
+        main([str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def one_line_error(main, argv: list[str], capsys) -> str:
     """The stderr of a CLI `main` that must stop with exit code 2 and exactly one `error: ...` line."""
     with pytest.raises(SystemExit) as exit_info:

@@ -2,12 +2,15 @@
 
 import json
 import math
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch import run_module
+from launch import offline_env, run_module
 from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
@@ -112,3 +115,15 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
 
 
 # --- the loop, end to end ------------------------------------------------------------------------------
+
+
+def kill_once_saved(recipe_path: Path, checkpoint: Path) -> None:
+    """Start `python -m vit_hf.finetune RECIPE_PATH` and SIGKILL it as soon as CHECKPOINT exists."""
+    process = subprocess.Popen([sys.executable, "-m", "vit_hf.finetune", str(recipe_path)], env=offline_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL

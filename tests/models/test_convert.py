@@ -214,12 +214,6 @@ def _misshaped_key(tmp_path):
     return write_checkpoint(tmp_path / "misshaped.npz", params)
 
 
-def _text_renamed(tmp_path):
-    path = tmp_path / "notes.npz"
-    path.write_text("these are my notes, not weights\n")
-    return path
-
-
 def _object_array(tmp_path):
     path = tmp_path / "objects.npz"
     np.savez(path, w=np.array([{"code": "runs at load"}], dtype=object))
@@ -229,8 +223,7 @@ def _object_array(tmp_path):
 BAD_CHECKPOINTS = {
     "missing file": (lambda tmp_path: tmp_path / "nowhere.npz", "no such file"),
     "truncated download": (_truncated, "not a readable .npz"),
-    "not a zip": (_not_a_zip, "not a readable .npz"),
-    "text file renamed .npz": (_text_renamed, "not a zip archive"),
+    "not a zip (a text file named .npz)": (_not_a_zip, "not a zip archive"),
     "pickled object array": (_object_array, "holds a pickled (object) array, which is never loaded"),
     "npz of something else": (_something_else, "not an official ViT checkpoint"),
     "missing key": (_missing_key, "missing tensor Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"),

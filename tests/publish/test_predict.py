@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from launch import run_in_process
 from photos import png_declaring
 from PIL import Image
 
@@ -18,12 +19,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 def _predict(capsys, *args) -> tuple[int, list[dict], str]:
     """Run the CLI in-process: exit code, the JSON lines it printed, and its stderr."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code)
-    out, err = capsys.readouterr()
+    code, out, err = run_in_process(main, args, capsys)
     return code, [json.loads(line) for line in out.splitlines()], err
 
 

@@ -5,10 +5,8 @@ what results.json says ran."""
 import contextlib
 import io
 import json
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,17 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from launch import free_port, offline_env
 from PIL import Image
-from runs import CIFAR10_CLASSES, assert_same_weights, finetune, losses, run_here, tiny_recipe, weights, write_recipe
+from runs import (
+    CIFAR10_CLASSES,
+    assert_same_weights,
+    finetune,
+    kill_once_saved,
+    losses,
+    run_here,
+    tiny_recipe,
+    weights,
+    write_recipe,
+)
 from transformers import pipeline
 
 from vit_hf.recipe import resolve_recipe
@@ -142,18 +150,7 @@ def test_resume_after_sigkill_in_bf16_with_bf16_momentum_and_ema_reaches_the_unb
     with one_thread():
         run_here(tiny_recipe(cifar10_dir, unbroken, **sections))
     recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, broken, **sections))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vit_hf.finetune", str(recipe)],
-        env=offline_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not (broken / "checkpoints" / "step_2").exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    kill_once_saved(recipe, broken / "checkpoints" / "step_2")
     assert not (broken / "results.json").exists()
 
     fresh_accelerate()

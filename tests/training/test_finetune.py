@@ -22,6 +22,7 @@ from runs import (
     assert_lr_is_warmup_then_cosine,
     assert_same_weights,
     finetune,
+    kill_once_saved,
     loaded_weights,
     losses,
     run_here,
@@ -120,18 +121,7 @@ def test_resume_after_sigkill_reaches_the_weights_and_losses_of_an_unbroken_run(
 
     broken = tmp_path / "broken"
     recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, broken, **sections), "b.json")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vit_hf.finetune", str(recipe)],
-        env=offline_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 300
-    while not (broken / "checkpoints" / "step_2").exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    kill_once_saved(recipe, broken / "checkpoints" / "step_2")
     assert not (broken / "results.json").exists()
 
     result = finetune(recipe, "--resume", "auto")
