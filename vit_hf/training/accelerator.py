@@ -52,7 +52,7 @@ def make_accelerator(recipe: dict) -> Accelerator:
         # RandomSampler.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         step_scheduler_with_optimizer=False,  # the schedule is a function of the update count only
-        log_with=cfg["report_to"],
+        log_with=cfg["report_to"] or None,  # [] would make Accelerate warn that no tracker is installed
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg["compile"] else None,
     )

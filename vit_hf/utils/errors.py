@@ -43,10 +43,10 @@ def cli_entry(main: Callable[..., object]) -> Callable[..., object]:
         except (UserError, RunError) as error:
             rank = int(os.environ.get("RANK", "0"))
             if rank == 0 or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-                print(f"error: {error}", file=sys.stderr)
+                sys.stderr.write(f"error: {error}\n")  # one write: other processes print beside it
             else:
                 time.sleep(OTHER_PROCESSES_WAIT_SECONDS)
-                print(f"error (process {rank}): {error}", file=sys.stderr)
+                sys.stderr.write(f"error (process {rank}): {error}\n")
             sys.exit(error.exit_code)
         except Exception as error:
             waited_in = _collective_of(error)
