@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def run_module(
-    module: str, args: list[str], processes: int = 1, timeout: int = 600, env: dict | None = None
+    module: str, args: list[str], processes: int = 1, timeout: int = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS`, or `accelerate launch --multi_gpu` with PROCESSES gloo processes on the CPU; ENV adds
     to the offline environment."""

@@ -123,7 +123,7 @@ def test_fsdp_trains_in_bf16_with_its_mixed_precision_policy_and_auto_micro_batc
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
                "--num_processes", "2", "--main_process_port", str(free_port()),
                "-m", "vit_hf.finetune", str(write_recipe(tmp_path, recipe))]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert (results["distributed"], results["mixed_precision"]) == ("FSDP", "bf16")

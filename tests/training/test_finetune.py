@@ -335,7 +335,7 @@ def test_torchrun_with_two_processes_trains_and_counts_eval_samples_once(cifar10
     recipe = write_recipe(tmp_path, tiny_recipe(cifar10_dir, out, train={"micro_batch_size": 16}))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", str(free_port()), "-m", "vit_hf.finetune", str(recipe)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["num_processes"] == 2 and results["eval_samples"] == 301 and results["step"] == 6

@@ -24,14 +24,14 @@ def launch_fsdp(recipe: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
                "--main_process_port", str(free_port()), "-m", "vit_hf.finetune", str(recipe), *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=300)
 
 
 def launch_ddp(recipe: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", "vit_hf.finetune", str(recipe)]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=300)
 
 
 @pytest.fixture(scope="module")

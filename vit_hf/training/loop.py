@@ -15,9 +15,11 @@ split and writes the card. Its collaborators, each in a module of its own:
 """
 
 import copy
+import gc
 import json
 import math
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,10 +277,22 @@ class FineTune:
 def run(recipe: dict, resume: str | None = None) -> dict:
     """Train as RECIPE says; returns the results (also written to output.dir/results.json)."""
     out = Path(recipe["output"]["dir"])
+    job = world = None
     try:
         with disk_full_stops(out):
             job = FineTune(recipe, resume)
+            world = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
             job.train()
             return job.finish()
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # their locals hold the job too (a stop, an error)
+        raise
     finally:
+        # DDP's reducer lets go of its process group holding the GIL. Were it the group's last holder (once the
+        # process groups are destroyed), gloo's destructor would wait for gloo's threads, and one of them may still
+        # need the GIL to free the last collective's tensors: the process would hang at exit. So the model goes
+        # first, and the group last, from Python, whose destructor lets go of the GIL while it waits for them.
+        del job
+        gc.collect()
+        del world
         release_run_folder(out)
