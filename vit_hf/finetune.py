@@ -15,12 +15,10 @@ and `finish` exports the best model, scores the test split and writes the card.
 """
 
 import argparse
-
-from transformers.utils.logging import disable_progress_bar
+from pathlib import Path
 
 from vit_hf.recipe import load_recipe
-from vit_hf.training.loop import run
-from vit_hf.training.remote_inputs import check_remote_inputs
+from vit_hf.training.run_folder import hold_run_folder, release_run_folder
 from vit_hf.utils.errors import cli_entry
 
 
@@ -31,10 +29,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a field")
     parser.add_argument("--resume", help="'auto' (the latest checkpoint in output.dir) or a checkpoint folder")
     args = parser.parse_args(argv)
-    disable_progress_bar()  # transformers' save and load bars would interleave with the training bar
     recipe = load_recipe(args.recipe, args.set)
-    check_remote_inputs(recipe)  # offline, every missing input in one line before any is loaded
-    run(recipe, resume=args.resume)
+    out = Path(recipe["output"]["dir"])
+    hold_run_folder(out)  # a folder in use is refused before the imports below, which take seconds
+    try:
+        from transformers.utils.logging import disable_progress_bar
+
+        from vit_hf.training.loop import run
+        from vit_hf.training.remote_inputs import check_remote_inputs
+
+        disable_progress_bar()  # transformers' save and load bars would interleave with the training bar
+        check_remote_inputs(recipe)  # offline, every missing input in one line before any is loaded
+        run(recipe, resume=args.resume)
+    finally:
+        release_run_folder(out)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def unbroken(cifar10_dir, tmp_path_factory) -> tuple[Path, list[str]]:
     env = {"VIT_HF_FAULT_POINT": "trace", "VIT_HF_FAULT_FILE": str(trace)}
     process = subprocess.run(
         [sys.executable, "-m", "vit_hf.finetune", str(recipe_for(cifar10_dir, tmp_path, out))],
-        env=offline_env() | env, capture_output=True, text=True, timeout=600,
+        env=offline_env() | env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert process.returncode == 0, process.stderr[-3000:]
     return out, trace.read_text().splitlines()
@@ -435,6 +435,17 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_unharmed(un
         assert [line for line in result.stderr.splitlines() if line.startswith("error")] == [refusal], result.stderr
         assert "Traceback" not in result.stderr
         print(f"refused in {time.monotonic() - started:.1f} s: {' '.join(command[-3:])}")
+    # At once: before the imports that take seconds (torch comes with Accelerate's tracker names, which the recipe's
+    # check reads).
+    heavy = ["transformers", "datasets", "vit_hf.training.loop"]
+    script = (
+        "import sys\nfrom vit_hf.finetune import main\ntry:\n    main(sys.argv[1:])\n"
+        f"finally:\n    print([m for m in {heavy} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True,
+                            env=offline_env(), timeout=300)  # fmt: skip
+    assert result.returncode == 2 and result.stderr == refusal + "\n", result.stderr
+    assert result.stdout.strip() == "[]"
     marker.unlink()
     assert holder.wait(timeout=300) == 0, marker.with_suffix(".log").read_text()[-3000:]
     print("max weight difference of the first run:", assert_unbroken(out, reference))

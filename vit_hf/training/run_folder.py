@@ -12,12 +12,13 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from typing import TYPE_CHECKING
 
 from vit_hf.utils.errors import UserError
 from vit_hf.utils.files import clear_leftovers
+
+if TYPE_CHECKING:  # this module is imported before torch, to refuse a folder in use at once (vit_hf.finetune)
+    from accelerate import Accelerator
 
 LOCK = "run.lock"
 # A dead holder's forked children (data workers) share its lock until they notice it died: wait for them that long.
@@ -26,8 +27,10 @@ _held: dict[Path, int] = {}  # folder -> the lock file's descriptor, for a secon
 _created: set[Path] = set()  # the folders a lock made: a run that wrote nothing else leaves none behind
 
 
-def main_decides(accelerator: Accelerator, decide: Callable[[], object]) -> object:
+def main_decides(accelerator: "Accelerator", decide: Callable[[], object]) -> object:
     """DECIDE() on the main process, its answer (or its UserError) on every process: the others wait for it."""
+    from accelerate.utils import broadcast_object_list
+
     verdict = [None, None]
     if accelerator.is_main_process:
         try:
@@ -89,7 +92,14 @@ def _lock(folder: Path) -> None:
     _held[folder] = fd
 
 
-def claim_run_folder(accelerator: Accelerator, folder: Path) -> None:
+def hold_run_folder(folder: Path) -> None:
+    """Take FOLDER's lock now, in a process that will be the run's main one (a launcher's rank 0, or the only one):
+    `vit_hf.finetune` does it before its imports that take seconds, so a folder in use is refused at once."""
+    if int(os.environ.get("RANK", "0")) == 0 and folder.resolve() not in _held:
+        _lock(folder.resolve())
+
+
+def claim_run_folder(accelerator: "Accelerator", folder: Path) -> None:
     """Hold FOLDER for this run (its main process takes the lock; every process gets the verdict), then remove what
     a killed run left half-written there: temporary files and a checkpoint's staging folder."""
 
