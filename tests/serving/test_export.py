@@ -49,10 +49,25 @@ def test_folder_keeps_config_and_processor_and_says_what_it_is(onnx_dir, model_d
     for name in ("config.json", "preprocessor_config.json"):
         assert (onnx_dir / name).read_bytes() == (model_dir / name).read_bytes()
     report = json.loads((onnx_dir / "onnx_export.json").read_text())
-    assert report["precision"] == "fp32" and report["source"] == str(model_dir)
+    assert report["precision"] == "fp32" and report["source"] == model_dir.name
     assert report["fp32_check"]["inputs"] == "64 rows of cifar10 test[:100]"
     assert report["fp32_check"]["max_abs_logit_difference"] <= 1e-4
     assert "fp32 ONNX export" in (onnx_dir / "README.md").read_text()
+
+
+def test_the_report_and_card_name_no_path_of_this_machine(model_dir, recipe_path, cifar10_dir, tmp_path):
+    from vit_hf.onnx import main
+
+    out = tmp_path / "onnx"
+    local_folder = json.dumps({"path": str(cifar10_dir)})  # the data set by its folder, as the quickstart names it
+    main([str(model_dir), str(out), "--recipe", str(recipe_path), "--set", f"data.dataset={local_folder}",
+          "--split", "test[:64]"])  # fmt: skip
+    report = json.loads((out / "onnx_export.json").read_text())
+    assert report["source"] == model_dir.name
+    assert report["fp32_check"]["inputs"] == f"64 rows of {cifar10_dir.name} test[:64]"
+    for name in ("onnx_export.json", "README.md"):
+        text = (out / name).read_text()
+        assert str(cifar10_dir) not in text and str(model_dir) not in text and str(tmp_path) not in text
 
 
 @pytest.mark.parametrize("batch", [1, 5])

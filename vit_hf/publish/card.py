@@ -21,7 +21,7 @@ from vit_hf.publish.charts import Series, line_charts
 from vit_hf.recipe import SPLIT_FIELDS
 from vit_hf.training.run_log import read_run_scalars
 from vit_hf.utils.errors import UserError
-from vit_hf.utils.files import atomic_file
+from vit_hf.utils.files import atomic_file, public_name
 
 CARD = "README.md"
 CURVES = "training_curves.png"
@@ -79,13 +79,6 @@ def plot_training_curves(scalars: dict[str, list[tuple[int, float]]], path: str 
 # What is published
 
 
-def _public_path(value: str) -> str:
-    """A local file's or folder's base name; a URL, a Hub name or a catalog name as it is."""
-    if "://" in value or not (Path(value).is_absolute() or Path(value).exists()):
-        return value
-    return Path(value).name
-
-
 def _file_names(files: object) -> object:
     """`data_files` (a path, a list, or lists by split) with each file by its base name (URLs as they are)."""
     if isinstance(files, dict):
@@ -106,14 +99,14 @@ def public_recipe(recipe: dict) -> dict:
             del recipe["output"]
     model, data = recipe.get("model") or {}, recipe.get("data") or {}
     if isinstance(model.get("pretrained"), str):
-        model["pretrained"] = _public_path(model["pretrained"])
+        model["pretrained"] = public_name(model["pretrained"])
     dataset = data.get("dataset")
     if isinstance(dataset, str):
-        data["dataset"] = _public_path(dataset)
+        data["dataset"] = public_name(dataset)
     elif isinstance(dataset, dict):
         for key in ("path", "data_dir", "cifar_archive"):
             if isinstance(dataset.get(key), str):
-                dataset[key] = _public_path(dataset[key])
+                dataset[key] = public_name(dataset[key])
         if "data_files" in dataset:
             dataset["data_files"] = _file_names(dataset["data_files"])
     return recipe
@@ -124,7 +117,7 @@ def public_results(results: dict) -> dict:
     results = dict(results)
     for key in ("base_model", "dataset"):
         if isinstance(results.get(key), str):
-            results[key] = _public_path(results[key])
+            results[key] = public_name(results[key])
     return results
 
 

@@ -20,7 +20,7 @@ from vit_hf.serving.preprocess import PROCESSOR_FILE
 from vit_hf.serving.verify import FP32_TOLERANCE, check_classes, int8_figures, logit_gap
 from vit_hf.serving.verify_inputs import Inputs
 from vit_hf.utils.errors import RunError, UserError
-from vit_hf.utils.files import atomic_dir, write_json, write_text
+from vit_hf.utils.files import atomic_dir, public_name, write_json, write_text
 
 EXPORT_JSON = "onnx_export.json"
 CARD_FILE = "README.md"
@@ -81,7 +81,7 @@ def _report_head(model_dir: Path, quantize: str | None) -> dict:
     import onnxruntime  # the [onnx] extra, checked by check_export_packages
 
     return {
-        "source": str(model_dir),
+        "source": public_name(str(model_dir)),
         "source_sha256": _sha256(model_dir / WEIGHTS_FILE),
         "precision": quantize or "fp32",
         "date": datetime.date.today().isoformat(),

@@ -17,6 +17,7 @@ from vit_hf.data.transforms import DeviceTransform
 from vit_hf.recipe import SPLIT_FIELDS
 from vit_hf.serving.preprocess import Preprocessing
 from vit_hf.utils.errors import UserError
+from vit_hf.utils.files import public_name
 
 Batch = tuple[np.ndarray, np.ndarray | None]
 
@@ -59,7 +60,8 @@ def split_inputs(data: dict, split: str, image_size: int, batch_size: int, limit
         for batch in loader:
             yield transform(batch["pixels"]).numpy(), batch["labels"].numpy()
 
-    return Inputs(f"{len(rows)} rows of {splits.name} {split}", len(rows), batches, True, splits.class_names)
+    what = f"{len(rows)} rows of {public_name(splits.name)} {split}"  # it goes into the folder's card
+    return Inputs(what, len(rows), batches, True, splits.class_names)
 
 
 def file_inputs(paths: Sequence[Path], preprocessing: Preprocessing, batch_size: int) -> Inputs:

@@ -169,3 +169,11 @@ def clear_leftovers(folder: str | os.PathLike) -> list[str]:
     if removed:
         fsync_path(folder)
     return removed
+
+
+def public_name(value: str) -> str:
+    """What a published file may say of VALUE: a local file's or folder's base name (the training machine's paths
+    stay on it); a URL, a Hub name or a catalog name as it is."""
+    if "://" in value or not (Path(value).is_absolute() or Path(value).exists()):
+        return value
+    return Path(value).name
