@@ -5,12 +5,14 @@ progress bar or log to the pipe fails: such writes are dropped, and the run save
 unpiped.
 """
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 from launch import offline_env
@@ -30,6 +32,18 @@ CASES = {
 }
 
 
+@contextlib.contextmanager
+def ctrl_c_as_in_a_terminal() -> Iterator[None]:
+    """Start processes with Ctrl-C at its default, as a terminal's foreground pipeline has it. A job started in the
+    background (`... &`, as some CI runners do) ignores SIGINT, and its children inherit that; a handler set here is
+    reset to the default in a child by exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_a_signal_to_a_run_piped_to_tee_saves_a_checkpoint_and_exits_128_plus_n(cifar10_dir, tmp_path, case):
@@ -39,10 +53,11 @@ def test_a_signal_to_a_run_piped_to_tee_saves_a_checkpoint_and_exits_128_plus_n(
                          train={"save_every": 1000, "eval_every": 1000, "log_every": 1})  # fmt: skip
     recipe["data"]["num_workers"] = 2  # workers must outlive the signal until the checkpoint is saved
     command = [sys.executable, *launcher, "-m", "vit_hf.finetune", str(write_recipe(tmp_path, recipe))]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=offline_env(),
-                           process_group=0)  # fmt: skip
-    # tee in the run's process group, as a shell pipeline puts it: a signal to the group reaches both.
-    tee = subprocess.Popen(["tee", str(log)], stdin=run.stdout, stdout=subprocess.DEVNULL, process_group=run.pid)
+    with ctrl_c_as_in_a_terminal():
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=offline_env(),
+                               process_group=0)  # fmt: skip
+        # tee in the run's process group, as a shell pipeline puts it: a signal to the group reaches both.
+        tee = subprocess.Popen(["tee", str(log)], stdin=run.stdout, stdout=subprocess.DEVNULL, process_group=run.pid)
     run.stdout.close()
     try:
         deadline = time.monotonic() + 240
