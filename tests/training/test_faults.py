@@ -209,6 +209,23 @@ def page_bytes(folder: Path) -> int:
     return sum(-(-size // 4096) * 4096 for size in inodes.values())
 
 
+def half_run_disk(reference: Path, small_disk) -> Path:
+    """A tmpfs with room for two checkpoints and two best models of REFERENCE's run, its logs and some slack: the
+    same run fills it about halfway."""
+    return small_disk(2 * page_bytes(reference / "checkpoints" / "step_10") + 128 * 1024)
+
+
+def saved_steps(out: Path) -> list[int]:
+    return [int(p.name[5:]) for p in (out / "checkpoints").glob("step_*")]
+
+
+def accelerate_quiet_two_processes() -> list[str]:
+    """`accelerate launch -q` of vit_hf.finetune on two gloo processes (the CPU config), on a free port."""
+    cpu_config = Path(__file__).resolve().parents[2] / "accelerate_configs" / "cpu.yaml"
+    return [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(cpu_config),
+            "--main_process_port", str(free_port()), "-m", "vit_hf.finetune"]  # fmt: skip
+
+
 def assert_stopped_for_space(result: subprocess.CompletedProcess, out: Path, processes: int = 1) -> str:
     assert result.returncode == 1, result.stderr[-3000:]
     line = one_error_line(result)
@@ -229,17 +246,15 @@ def test_a_disk_that_fills_mid_run_stops_in_one_line_and_the_run_resumes_on_anot
     unbroken, cifar10_dir, small_disk, tmp_path
 ):
     reference, _ = unbroken
-    # Room for two checkpoints and two best models, the logs and some slack: the run fills it about halfway.
-    checkpoint = page_bytes(reference / "checkpoints" / "step_10")
-    disk = small_disk(2 * checkpoint + 128 * 1024)
+    disk = half_run_disk(reference, small_disk)
     out = disk / "out"
     recipe = recipe_for(cifar10_dir, tmp_path, out)
     result = finetune(recipe)
     line = assert_stopped_for_space(result, out)
-    steps = [int(p.name[5:]) for p in (out / "checkpoints").glob("step_*")]
+    steps = saved_steps(out)
     assert steps and max(steps) < 12 and not (out / "results.json").exists()
     assert "for each checkpoint" in line
-    print(f"tmpfs of {2 * checkpoint + 128 * 1024} bytes full after step {max(steps)}: {line}")
+    print(f"tmpfs of {shutil.disk_usage(disk).total} bytes full after step {max(steps)}: {line}")
 
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
@@ -254,18 +269,13 @@ def test_a_disk_that_fills_under_two_processes_stops_them_in_one_line_and_the_ru
     unbroken, cifar10_dir, small_disk, tmp_path
 ):
     reference, _ = unbroken
-    checkpoint = page_bytes(reference / "checkpoints" / "step_10")
-    disk = small_disk(2 * checkpoint + 128 * 1024)
-    out = disk / "out"
+    out = half_run_disk(reference, small_disk) / "out"
     recipe = recipe_for(cifar10_dir, tmp_path, out)
     micro_batches = ["--set", "train.micro_batch_size=16"]  # each process's half of the global batch
-    cpu_config = Path(__file__).resolve().parents[2] / "accelerate_configs" / "cpu.yaml"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(cpu_config),
-              "--main_process_port", str(free_port()), "-m", "vit_hf.finetune", str(recipe),
-              *micro_batches]  # fmt: skip
+    launch = [*accelerate_quiet_two_processes(), str(recipe), *micro_batches]
     result = subprocess.run(launch, capture_output=True, text=True, env=offline_env(), timeout=300)
     line = assert_stopped_for_space(result, out, processes=2)  # accelerate launch -q exits 1, as the run does
-    steps = [int(p.name[5:]) for p in (out / "checkpoints").glob("step_*")]
+    steps = saved_steps(out)
     assert steps and max(steps) < 12 and not (out / "results.json").exists()
     print(f"two processes, tmpfs full after step {max(steps)}: {line}")
 
@@ -454,14 +464,11 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_unharmed(un
         f"error: output.dir {out} is in use by another run (process {holder.pid} on {os.uname().nodename}): wait for "
         "it to end, stop it, or choose another output.dir"
     )
-    cpu_config = Path(__file__).resolve().parents[2] / "accelerate_configs" / "cpu.yaml"
-    two_processes = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(cpu_config),
-                     "--main_process_port", str(free_port()), "-m", "vit_hf.finetune"]  # fmt: skip
     for command, code in (
         ([sys.executable, "-m", "vit_hf.finetune"], 2),
         ([sys.executable, "-m", "vit_hf.finetune", "--resume", "auto"], 2),
         # accelerate launch -q exits 1 whatever its processes' code
-        ([*two_processes, "--resume", "auto", "--set", "train.micro_batch_size=16"], 1),
+        ([*accelerate_quiet_two_processes(), "--resume", "auto", "--set", "train.micro_batch_size=16"], 1),
     ):
         started = time.monotonic()
         result = subprocess.run([*command, str(recipe)], capture_output=True, text=True, env=offline_env(), timeout=300)

@@ -95,7 +95,13 @@ def _lock(folder: Path) -> None:
 def hold_run_folder(folder: Path) -> None:
     """Take FOLDER's lock now, in a process that will be the run's main one (a launcher's rank 0, or the only one):
     `vit_hf.finetune` does it before its imports that take seconds, so a folder in use is refused at once."""
-    if int(os.environ.get("RANK", "0")) == 0 and folder.resolve() not in _held:
+    if int(os.environ.get("RANK", "0")) == 0:
+        _hold(folder)
+
+
+def _hold(folder: Path) -> None:
+    """FOLDER's lock for this process, taken unless it holds it already (vit_hf.finetune took it early)."""
+    if folder.resolve() not in _held:
         _lock(folder.resolve())
 
 
@@ -104,9 +110,7 @@ def claim_run_folder(accelerator: "Accelerator", folder: Path) -> None:
     a killed run left half-written there: temporary files and a checkpoint's staging folder."""
 
     def claim() -> None:
-        resolved = folder.resolve()
-        if resolved not in _held:
-            _lock(resolved)
+        _hold(folder)
         clear_leftovers(folder)
         clear_leftovers(folder / "checkpoints")
 
